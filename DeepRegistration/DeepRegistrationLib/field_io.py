@@ -1,0 +1,147 @@
+"""Physical displacement fields: conversion from network fields, application, ITK files (docs/CONVENTIONS.md §3, §7).
+
+A `DisplacementField` holds `data` [I, J, K, 3] in RAS mm on a `Grid` (normally the fixed image's): the moving
+point of fixed point p is p + d(p). ITK files hold the same field with LPS components.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .errors import InputError
+from .geometry import RAS_FROM_LPS, Grid
+from .image import Image, atomic_path, suffix_of
+from .resample import sample_with_fill
+from .warp import jacobian_determinant, sample
+
+FIELD_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".h5", ".hdf5")
+
+
+@dataclass
+class DisplacementField:
+    """RAS mm displacements `data` [I, J, K, 3] on `grid`, fixed point p ↦ moving point p + d(p)."""
+
+    data: np.ndarray
+    grid: Grid
+
+    def __post_init__(self) -> None:
+        if self.data.shape != (*self.grid.shape, 3):
+            raise InputError(f"displacement array {self.data.shape} does not match grid {self.grid.shape} x 3")
+
+    @classmethod
+    def from_voxels(cls, disp: torch.Tensor, grid: Grid) -> "DisplacementField":
+        """From a voxel displacement [1, 3, I, J, K] on `grid` (both images on that grid): d = A·u."""
+        u = disp.detach().to("cpu", torch.float64)[0].permute(1, 2, 3, 0).numpy()
+        return cls((u @ grid.affine[:3, :3].T).astype(np.float32), grid)
+
+    def to_voxels(self) -> torch.Tensor:
+        """The voxel displacement [1, 3, I, J, K] of this grid: u = A⁻¹·d (valid when moving shares the grid)."""
+        inv = np.linalg.inv(self.grid.affine[:3, :3])
+        u = self.data.astype(np.float64) @ inv.T
+        return torch.from_numpy(u).float().permute(3, 0, 1, 2)[None].contiguous()
+
+    def resampled(self, target: Grid) -> "DisplacementField":
+        """The same transform sampled on another grid (trilinear; outside this grid the edge value is used)."""
+        if self.grid.same_as(target, tol=1e-6):
+            return self
+        inv = np.linalg.inv(self.grid.affine)
+        # Clamp target voxel centres into this grid so the field extends by its border value.
+        data = torch.from_numpy(self.data).permute(3, 0, 1, 2)[None]
+        ijk = target.world_coordinates() @ inv[:3, :3].T + inv[:3, 3]
+        coords = torch.from_numpy(ijk).float().permute(3, 0, 1, 2)[None]
+        out = sample(data, coords, mode="bilinear", padding_mode="border")
+        return DisplacementField(out[0].permute(1, 2, 3, 0).numpy(), target)
+
+    def map_points(self, points_ras: np.ndarray) -> np.ndarray:
+        """Map fixed-space RAS points [N, 3] to moving space: p + d(p), d interpolated trilinearly."""
+        points_ras = np.asarray(points_ras, dtype=np.float64).reshape(-1, 3)
+        ijk = self.grid.world_to_voxel(points_ras)
+        coords = torch.from_numpy(ijk.T.copy()).float().view(1, 3, -1, 1, 1)
+        data = torch.from_numpy(self.data).permute(3, 0, 1, 2)[None]
+        d = sample(data, coords, mode="bilinear", padding_mode="border")[0, :, :, 0, 0].T.numpy()
+        return points_ras + d
+
+    def jacobian_determinant(self) -> np.ndarray:
+        """det(I + ∂d/∂p) on the grid, [I, J, K] (equal to the voxel-space determinant, §6)."""
+        return jacobian_determinant(self.to_voxels())[0, 0].numpy()
+
+
+def field_to_sitk(field: DisplacementField) -> sitk.Image:
+    """A SimpleITK vector image (float64, LPS components) holding `field`."""
+    lps = field.data.astype(np.float64) @ RAS_FROM_LPS.T
+    img = sitk.GetImageFromArray(np.ascontiguousarray(lps.transpose(2, 1, 0, 3)), isVector=True)
+    origin, spacing, direction = field.grid.to_lps()
+    img.SetOrigin(tuple(float(v) for v in origin))
+    img.SetSpacing(tuple(float(v) for v in spacing))
+    img.SetDirection(tuple(float(v) for v in direction.flatten()))
+    return img
+
+
+def sitk_to_field(img: sitk.Image, source: str) -> DisplacementField:
+    """A SimpleITK 3-component vector image (LPS) to a `DisplacementField` (RAS)."""
+    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 3:
+        raise InputError(f"{source}: expected a 3D field with 3 components per voxel, got {img.GetDimension()}D with "
+                         f"{img.GetNumberOfComponentsPerPixel()} components")
+    lps = sitk.GetArrayFromImage(img).transpose(2, 1, 0, 3).astype(np.float64)
+    grid = Grid.from_lps(img.GetSize(), img.GetOrigin(), img.GetSpacing(), img.GetDirection())
+    return DisplacementField((lps @ RAS_FROM_LPS.T).astype(np.float32), grid)
+
+
+def write_itk_displacement(field: DisplacementField, path: str | os.PathLike) -> Path:
+    """Write an ITK displacement field (LPS mm): `.nii.gz`/`.nii`/`.nrrd`/`.mha` image or `.h5` transform."""
+    path = Path(path)
+    suffix = suffix_of(path)
+    if suffix not in FIELD_SUFFIXES:
+        raise InputError(f"{path}: unsupported field format {suffix!r}; use one of {', '.join(FIELD_SUFFIXES)}")
+    img = field_to_sitk(field)
+    with atomic_path(path) as tmp:
+        if suffix in (".h5", ".hdf5"):
+            sitk.WriteTransform(sitk.DisplacementFieldTransform(img), str(tmp))
+        else:
+            sitk.WriteImage(img, str(tmp), True)
+    return path
+
+
+def read_itk_displacement(path: str | os.PathLike) -> DisplacementField:
+    """Read a field written by `write_itk_displacement`, ANTs or Elastix (vector image or `.h5` transform)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        if suffix_of(path) in (".h5", ".hdf5"):
+            transform = sitk.ReadTransform(str(path))
+            if transform.GetTransformEnum() == sitk.sitkComposite:
+                transform = sitk.CompositeTransform(transform).GetNthTransform(0)
+            img = sitk.DisplacementFieldTransform(transform).GetDisplacementField()
+        else:
+            img = sitk.ReadImage(str(path))
+            if img.GetDimension() == 4 and img.GetNumberOfComponentsPerPixel() == 1 and img.GetSize()[3] == 3:
+                img = sitk.Compose(*[img[:, :, :, c] for c in range(3)])
+    except Exception as exc:
+        raise InputError(f"{path}: cannot be read as a displacement field ({exc})") from exc
+    return sitk_to_field(img, str(path))
+
+
+def apply_field(moving: Image, field: DisplacementField, *, order: int = 1, fill: float = 0.0) -> Image:
+    """Resample `moving` onto the field's grid through the field: out(p) = moving(p + d(p)).
+
+    Any moving grid works; `order` 1 trilinear, 0 nearest (labels); outside the moving image, `fill`, with ITK's
+    half-voxel border rule (`resample.sample_with_fill`), so SimpleITK reproduces the result.
+    """
+    points = field.grid.world_coordinates() + field.data.astype(np.float64)
+    inv = np.linalg.inv(moving.grid.affine)
+    ijk = points @ inv[:3, :3].T + inv[:3, 3]
+    coords = torch.from_numpy(ijk).float().permute(3, 0, 1, 2)[None]
+    data = torch.from_numpy(np.ascontiguousarray(moving.data, dtype=np.float32))[None, None]
+    out = sample_with_fill(data, coords, order=order, fill=fill)
+    result = out[0, 0].numpy()
+    if order == 0 and np.issubdtype(moving.data.dtype, np.integer):
+        result = np.round(result).astype(moving.data.dtype)
+    return Image(result, field.grid, moving.source)
+

@@ -1,0 +1,77 @@
+"""Resampling volumes and fields between grids in physical (RAS mm) space, and intensity normalisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .geometry import Grid
+from .image import Image
+from .warp import identity_grid, sample
+
+
+def source_coordinates(source: Grid, target: Grid) -> torch.Tensor:
+    """Voxel coordinates in `source` of every voxel centre of `target`, as [1, 3, I, J, K] float32."""
+    m = np.linalg.inv(source.affine) @ target.affine
+    grid = identity_grid(target.shape, dtype=torch.float64)
+    coords = torch.einsum("ij,bjxyz->bixyz", torch.from_numpy(m[:3, :3]), grid)
+    coords = coords + torch.from_numpy(m[:3, 3]).view(1, 3, 1, 1, 1)
+    return coords.float()
+
+
+def sample_with_fill(data: torch.Tensor, coords: torch.Tensor, *, order: int = 1, fill: float = 0.0) -> torch.Tensor:
+    """Sample [1, C, I, J, K] at voxel `coords` [1, 3, ...] as ITK's resampler does.
+
+    Inside the continuous index range [−0.5, N − 0.5] the border value extends the image; beyond it, `fill`.
+    `order` 1 is trilinear, 0 nearest neighbour.
+    """
+    out = sample(data, coords, mode="bilinear" if order == 1 else "nearest", padding_mode="border")
+    size = torch.tensor(data.shape[2:], dtype=coords.dtype).view(1, 3, *([1] * (coords.dim() - 2)))
+    inside = ((coords >= -0.5) & (coords <= size - 0.5)).all(dim=1, keepdim=True)
+    return torch.where(inside, out, torch.full_like(out, fill))
+
+
+def resample_array(data: np.ndarray, source: Grid, target: Grid, *, order: int = 1, fill: float = 0.0) -> np.ndarray:
+    """Resample an array [I, J, K] or [I, J, K, C] from `source` onto `target`.
+
+    `order` 1 is trilinear, 0 nearest neighbour; outside `source`, voxels take `fill`.
+    """
+    if data.shape[:3] != source.shape:
+        raise ValueError(f"array shape {data.shape} does not match grid {source.shape}")
+    if source.same_as(target, tol=1e-6):
+        return data.copy()
+    vector = data.ndim == 4
+    t = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+    t = t.permute(3, 0, 1, 2)[None] if vector else t[None, None]
+    out = sample_with_fill(t, source_coordinates(source, target), order=order, fill=fill)
+    out = out[0].permute(1, 2, 3, 0) if vector else out[0, 0]
+    result = out.numpy()
+    if order == 0 and np.issubdtype(data.dtype, np.integer):
+        result = np.round(result).astype(data.dtype)
+    return result
+
+
+def resample_image(image: Image, target: Grid, *, order: int = 1, fill: float = 0.0) -> Image:
+    """`image` resampled onto `target` (labels: `order=0`)."""
+    return Image(resample_array(image.data, image.grid, target, order=order, fill=fill), target, image.source)
+
+
+def normalize_intensity(data: np.ndarray, modality: str, source: str = "<memory>") -> np.ndarray:
+    """Map intensities to [0, 1] float32.
+
+    "mr": linear between the 0.5th and 99.5th percentiles of the non-zero voxels, clipped.
+    "ct": Hounsfield window [−1000, 2000] HU, clipped (air 0, brain ≈ 0.35, dense bone 1).
+    A constant image is an InputError naming `source`.
+    """
+    data = np.asarray(data, dtype=np.float32)
+    if modality == "ct":
+        low, high = -1000.0, 2000.0
+    elif modality == "mr":
+        values = data[data != 0] if np.any(data != 0) else data
+        low, high = np.percentile(values, [0.5, 99.5])
+    else:
+        raise InputError(f"unknown modality {modality!r}; use 'mr' or 'ct'")
+    if not high > low:
+        raise InputError(f"{source}: image is constant (intensity range {low}..{high}); nothing to register")
+    return np.clip((data - low) / (high - low), 0.0, 1.0).astype(np.float32)

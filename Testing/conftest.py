@@ -1,0 +1,72 @@
+"""Shared fixtures: small analytic volumes and known-warp pairs made here, no downloads."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "DeepRegistration"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from DeepRegistrationLib import warp  # noqa: E402
+
+
+def ellipsoid_labels(shape: tuple[int, int, int]) -> torch.Tensor:
+    """[1, 1, I, J, K] int64 phantom: a head-like ellipsoid (1) holding two blobs (2, 3) and a core (4)."""
+    g = warp.identity_grid(shape)[0]
+    c = [(s - 1) / 2 for s in shape]
+    r = [(g[a] - c[a]) / (shape[a] / 2) for a in range(3)]
+    labels = torch.zeros(shape, dtype=torch.int64)
+    labels[(r[0] ** 2 + r[1] ** 2 + r[2] ** 2) < 0.75**2] = 1
+    labels[((r[0] - 0.3) ** 2 + r[1] ** 2 + r[2] ** 2) < 0.25**2] = 2
+    labels[((r[0] + 0.3) ** 2 + (r[1] - 0.1) ** 2 + r[2] ** 2) < 0.22**2] = 3
+    labels[(r[0] ** 2 + (r[1] + 0.35) ** 2 + (r[2] / 1.5) ** 2) < 0.15**2] = 4
+    return labels[None, None]
+
+
+def phantom_image(labels: torch.Tensor, intensities=(0.0, 0.5, 1.0, 0.25, 0.8)) -> torch.Tensor:
+    """A smooth float image from a label phantom (per-label intensity, slightly blurred)."""
+    lut = torch.tensor(intensities, dtype=torch.float32)
+    return warp.gaussian_smooth(lut[labels], sigma=0.7)
+
+
+def smooth_field(shape: tuple[int, int, int], magnitude: float, seed: int = 0) -> torch.Tensor:
+    """A smooth random velocity [1, 3, I, J, K] in voxels with maximum about `magnitude`."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(1, 3, 4, 4, 4, generator=gen)
+    v = torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
+    return v * (magnitude / v.abs().max())
+
+
+@pytest.fixture
+def toy_pair():
+    """Factory for a known-warp pair on a grid of `shape`: fixed, moving, labels of both and the true field.
+
+    moving = fixed warped by exp(−v), so the true fixed→moving displacement is u = exp(v) and
+    warp(moving, u) ≈ fixed.
+    """
+
+    def make(shape=(32, 32, 32), magnitude=2.0, seed=0):
+        fixed_labels = ellipsoid_labels(shape)
+        fixed = phantom_image(fixed_labels)
+        v = smooth_field(shape, magnitude, seed)
+        u = warp.integrate_velocity(v)
+        inverse = warp.integrate_velocity(-v)
+        moving = warp.warp_image(fixed, inverse)
+        moving_labels = warp.warp_labels(fixed_labels, inverse)
+        return {"fixed": fixed, "moving": moving, "fixed_labels": fixed_labels, "moving_labels": moving_labels,
+                "displacement": u, "velocity": v}
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
