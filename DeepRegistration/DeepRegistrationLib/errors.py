@@ -7,3 +7,7 @@ class InputError(ValueError):
 
 class ResourceError(RuntimeError):
     """The machine cannot run the request (memory, device). Front ends map it to exit code 3."""
+
+
+class Cancelled(RuntimeError):
+    """The user cancelled a running registration; nothing was written."""

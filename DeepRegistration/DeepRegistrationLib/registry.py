@@ -44,6 +44,9 @@ class MethodSpec:
 
 METHODS: dict[str, MethodSpec] = {}
 
+DEFAULT_METHOD = "lapirn"
+"""The method `deepregistration demo` and the Slicer module start with."""
+
 
 def register(spec: MethodSpec) -> MethodSpec:
     METHODS[spec.name] = spec

@@ -28,7 +28,10 @@ class MethodConfig:
     """Fields shared by every method. Subclasses add the paper's hyper-parameters with `param`."""
 
     working_shape: tuple[int, int, int] = param(
-        (160, 192, 160), "Network grid (I, J, K) in voxels; images are resampled to it", paper=False)
+        (160, 192, 160), "Training crop (I, J, K) in voxels of the working grid", paper=False)
+    working_spacing: float = param(
+        1.0, "Isotropic voxel size (mm) of the working grid the network sees at inference", low=0.5, high=4.0,
+        paper=False)
     int_steps: int = param(7, "Scaling-and-squaring steps (0: the output is a plain displacement)", low=0, high=12)
 
     def to_dict(self) -> dict[str, Any]:
@@ -54,7 +57,10 @@ class RegistrationOutput:
     """What a network returns for a batch of fixed/moving pairs on the working grid.
 
     displacement: [B, 3, I, J, K] voxels, fixed → moving, the complete transform (an affine part composed in).
-    velocity: the stationary velocity whose exponential is the deformable part, when the method is diffeomorphic.
+    velocity: the stationary velocity (voxels of its own grid, which may be coarser) whose exponential is the
+        deformable part, when the method is diffeomorphic: deformable =
+        resize_field(integrate_velocity(velocity, config.int_steps), input shape). The engine integrates −velocity
+        for the exact inverse.
     affine: [B, 3, 4] voxel-index affine x ↦ A x + b applied before the deformable part, when the method has one;
         then displacement = compose(affine_displacement(affine), deformable).
     levels: per-level outputs for the training loss (method-specific keys).

@@ -1,0 +1,83 @@
+"""Peak-memory estimate of a registration, measured on a small probe grid and scaled to the real one."""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+BYTES_PER_FIXED_VOXEL = 200
+"""Export and metrics on the fixed grid: a few float64 [I, J, K, 3] arrays (coordinates, fields, inverse)."""
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Tracks the bytes held by tensors created inside the mode, and their peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in self._seen or storage.nbytes() == 0:
+            return
+        self._seen.add(key)
+        size = storage.nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+
+        def release(key=key, size=size):
+            self._seen.discard(key)
+            self.live -= size
+
+        weakref.finalize(t, release)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+def probe_network_bytes(net: torch.nn.Module, shape: tuple[int, int, int]) -> int:
+    """Peak bytes of tensors a no-grad forward pass allocates on a grid of `shape` (on the CPU)."""
+    device = next(net.parameters()).device
+    x = torch.zeros(1, 1, *shape, device=device)
+    with torch.no_grad(), _LiveTensorBytes() as mode:
+        net(x, x)
+    return mode.peak
+
+
+def estimate_peak_bytes(net: torch.nn.Module, working_shape: tuple[int, int, int],
+                        fixed_shape: tuple[int, int, int]) -> int:
+    """Estimated peak bytes of a registration: network activations scaled from a probe, plus the export.
+
+    The probe grid is two network multiples per axis; activations scale with the voxel count.
+    """
+    multiple = getattr(net, "multiple", 16)
+    probe = (2 * multiple,) * 3
+    network = probe_network_bytes(net, probe) * np.prod(working_shape) / np.prod(probe)
+    params = sum(p.numel() * p.element_size() for p in net.parameters())
+    return int(network + params + BYTES_PER_FIXED_VOXEL * np.prod(fixed_shape))
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory on `device`: CUDA's free memory, else the system's MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))

@@ -1,0 +1,171 @@
+"""The command line end to end on a small synthetic pair: outputs, physical correctness, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from DeepRegistrationLib import cli, models, registry, warp
+from DeepRegistrationLib.geometry import Grid
+from DeepRegistrationLib.image import Image, write_image
+from DeepRegistrationLib.landmarks import Landmarks, write_fcsv
+
+from conftest import ellipsoid_labels, phantom_image, smooth_field
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    """A 2 mm oblique pair with labels and landmarks, and an untrained (non-identity) lapirn model."""
+    root = tmp_path_factory.mktemp("case")
+    shape = (30, 34, 28)
+    direction = np.array([[0.96, -0.28, 0.0], [0.28, 0.96, 0.0], [0.0, 0.0, 1.0]])
+    grid = Grid.from_spacing(shape, (2.0, 1.8, 2.2), (-28.0, -30.0, -30.0), direction)
+    labels = ellipsoid_labels(shape)
+    fixed = phantom_image(labels)
+    inverse = warp.integrate_velocity(-smooth_field(shape, 1.5, seed=7))
+    moving = warp.warp_image(fixed, inverse)
+    moving_labels = warp.warp_labels(labels, inverse)
+    files = {
+        "fixed": write_image(Image(fixed[0, 0].numpy() * 1000, grid), root / "fixed.nii.gz"),
+        "moving": write_image(Image(moving[0, 0].numpy() * 1000, grid), root / "moving.nrrd"),
+        "fixed_labels": write_image(Image(labels[0, 0].numpy().astype(np.int16), grid), root / "fl.nii.gz"),
+        "moving_labels": write_image(Image(moving_labels[0, 0].numpy().astype(np.int16), grid), root / "ml.nii.gz"),
+    }
+    pts = grid.voxel_to_world(np.array([[15, 17, 14], [10, 12, 9], [20, 20, 18]], float))
+    files["fixed_landmarks"] = write_fcsv(root / "f.fcsv", Landmarks(["a", "b", "c"], pts))
+    files["moving_landmarks"] = write_fcsv(root / "m.fcsv", Landmarks(["c", "a", "b"], pts[[2, 0, 1]] + 1.0))
+    spec = registry.get_method("lapirn")
+    torch.manual_seed(1)
+    net = spec.build(spec.config_class(working_spacing=2.5))
+    files["weights"] = models.save_model(net, "lapirn", root / "lapirn.safetensors")
+    return files
+
+
+def run(args):
+    return cli.main([str(a) for a in args])
+
+
+def register_args(case, out, *extra):
+    return ["register", "--quiet", "--method", "lapirn", "--weights", case["weights"], "--fixed", case["fixed"],
+            "--moving", case["moving"], "--output-dir", out, *extra]
+
+
+def test_register_writes_everything_and_simpleitk_reproduces_the_warp(case, tmp_path):
+    out = tmp_path / "out"
+    assert run(register_args(case, out, "--fixed-labels", case["fixed_labels"], "--moving-labels",
+                             case["moving_labels"], "--fixed-landmarks", case["fixed_landmarks"],
+                             "--moving-landmarks", case["moving_landmarks"])) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"warped.nii.gz", "displacement.nii.gz", "inverse_displacement.nii.gz", "jacobian.nii.gz",
+            "folding.nii.gz", "warped_labels.nii.gz", "metrics.json"} <= names
+    assert not list(tmp_path.glob(".out.*")), "temporary directory left behind"
+
+    fixed = sitk.ReadImage(str(case["fixed"]), sitk.sitkFloat64)
+    moving = sitk.ReadImage(str(case["moving"]), sitk.sitkFloat64)
+    field = sitk.ReadImage(str(out / "displacement.nii.gz"), sitk.sitkVectorFloat64)
+    assert np.abs(sitk.GetArrayFromImage(field)).max() > 0.1, "the test model should not be the identity"
+    theirs = sitk.GetArrayFromImage(
+        sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(field), sitk.sitkLinear, 0.0))
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz")))
+    assert np.abs(theirs - ours).max() < 1e-2 * np.abs(ours).max()
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "lapirn" and len(metrics["model_sha256"]) == 64
+    assert set(metrics["labels"]["before"]["per_label"]) == {"1", "2", "3", "4"}
+    # Landmarks were matched by label: before = |p_fixed − p_moving| = |(1, 1, 1)| mm for every point.
+    assert np.allclose(metrics["landmarks"]["before"], np.sqrt(3), atol=1e-3)
+    jac = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "jacobian.nii.gz")))
+    fold = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "folding.nii.gz")))
+    assert np.array_equal(fold.astype(bool), jac <= 0)
+
+
+def test_inverse_field_undoes_the_forward_field(case, tmp_path):
+    out = tmp_path / "out"
+    assert run(register_args(case, out)) == 0
+    fwd = sitk.DisplacementFieldTransform(sitk.ReadImage(str(out / "displacement.nii.gz"), sitk.sitkVectorFloat64))
+    inv = sitk.DisplacementFieldTransform(
+        sitk.ReadImage(str(out / "inverse_displacement.nii.gz"), sitk.sitkVectorFloat64))
+    ref = sitk.ReadImage(str(case["fixed"]))
+    centre = ref.TransformContinuousIndexToPhysicalPoint([s / 2 for s in ref.GetSize()])
+    for offset in ([0, 0, 0], [5, -4, 3], [-6, 3, -2]):
+        p = np.array(centre) + offset
+        back = inv.TransformPoint(fwd.TransformPoint(tuple(p)))
+        assert np.linalg.norm(np.array(back) - p) < 0.1
+
+
+def test_methods_lists_every_registered_method(capsys):
+    assert run(["methods", "--json"]) == 0
+    assert {r["name"] for r in json.loads(capsys.readouterr().out)} == set(registry.METHODS)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c, t: ["--method", "nosuch"], "unknown method 'nosuch'"),
+    (lambda c, t: ["--fixed", t / "missing.nii.gz"], "missing.nii.gz: no such file"),
+    (lambda c, t: ["--fixed-labels", c["fixed_labels"], "--moving-labels", _other_grid(t)], "differs from its image"),
+    (lambda c, t: ["--fixed-landmarks", c["fixed_landmarks"]], "give both --fixed-landmarks"),
+    (lambda c, t: ["--fixed-landmarks", c["fixed_landmarks"], "--moving-landmarks", _two_points(t)],
+     "appear in only one"),
+    (lambda c, t: ["--fixed-landmarks", _outside(t), "--moving-landmarks", _outside(t)], "outside the fixed image"),
+    (lambda c, t: ["--moving", _constant(t)], "image is constant"),
+    (lambda c, t: ["--moving", _flat(t)], "expected a 3D volume, got 2D"),
+])
+def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, capsys, mutate, message):
+    out = tmp_path / "out"
+    args = register_args(case, out) + mutate(case, tmp_path)
+    assert run(args) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_model_checks(case, tmp_path, capsys):
+    bad = tmp_path / "lapirn.safetensors"
+    bad.write_bytes(case["weights"].read_bytes()[:-8] + b"corrupt!")
+    meta = json.loads(models.metadata_path(case["weights"]).read_text())
+    models.metadata_path(bad).write_text(json.dumps(meta))
+    assert run(register_args(case, tmp_path / "o1")[:-2] + ["--weights", bad, "--output-dir", tmp_path / "o1"]) == 2
+    assert "does not match its JSON" in capsys.readouterr().err
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(case["weights"].read_bytes())
+    models.metadata_path(other).write_text(json.dumps({**meta, "method": "voxelmorph"}))
+    assert run(register_args(case, tmp_path / "o2")[:-2] + ["--weights", other, "--output-dir", tmp_path / "o2"]) == 2
+    assert "is for method 'voxelmorph', not 'lapirn'" in capsys.readouterr().err
+
+
+def test_evaluate_an_external_field(case, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(register_args(case, out, "--fixed-labels", case["fixed_labels"], "--moving-labels",
+                             case["moving_labels"])) == 0
+    produced = json.loads((out / "metrics.json").read_text())
+    assert run(["evaluate", "--json", "--fixed", case["fixed"], "--moving", case["moving"], "--displacement",
+                out / "displacement.nii.gz", "--fixed-labels", case["fixed_labels"], "--moving-labels",
+                case["moving_labels"]]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["labels"]["after"]["mean_dice"] == pytest.approx(produced["labels"]["after"]["mean_dice"],
+                                                                      abs=1e-3)
+
+
+def _other_grid(tmp):
+    return write_image(Image(np.zeros((5, 6, 7), np.int16), Grid((5, 6, 7), np.eye(4))), tmp / "other.nii.gz")
+
+
+def _two_points(tmp):
+    return write_fcsv(tmp / "two.fcsv", Landmarks(["a", "x"], np.zeros((2, 3))))
+
+
+def _outside(tmp):
+    return write_fcsv(tmp / "far.fcsv", Landmarks(["a"], np.array([[500.0, 0, 0]])))
+
+
+def _constant(tmp):
+    return write_image(Image(np.ones((30, 34, 28), np.float32), Grid((30, 34, 28), np.eye(4))), tmp / "c.nii.gz")
+
+
+def _flat(tmp):
+    img = sitk.GetImageFromArray(np.zeros((20, 20), np.float32))
+    sitk.WriteImage(img, str(tmp / "flat.nii.gz"))
+    return tmp / "flat.nii.gz"
