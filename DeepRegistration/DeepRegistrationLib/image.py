@@ -158,6 +158,9 @@ class _AtomicPath:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)

@@ -1,0 +1,95 @@
+"""`python -m training train RECIPE [--out DIR] [--resume] ...` and `python -m training export RUN MODEL`.
+
+Works under `torchrun --nproc_per_node=N -m training train ...` (DistributedDataParallel). Data commands live in
+`python -m training.data` (fetch, sample).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from DeepRegistrationLib.errors import InputError
+
+from .recipe import load_recipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train one recipe")
+    tr.add_argument("recipe", help="method name (training/recipes/<name>.json) or a recipe JSON path")
+    tr.add_argument("--out", help="run directory (default runs/<method>)")
+    tr.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    tr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    tr.add_argument("--iterations", type=int, help="stop after this many more iterations")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe field (JSON value), e.g. iterations=500 or config.working_spacing=2")
+    tr.add_argument("--export", help="after training, write the model here (e.g. Resources/Models/NAME.safetensors)")
+    tr.add_argument("--quiet", action="store_true")
+    ex = sub.add_parser("export", help="write a run's checkpoint as a shipped model")
+    ex.add_argument("run", help="run directory")
+    ex.add_argument("model", help="output .safetensors path")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        return _export(args)
+    except InputError as exc:
+        print(f"training: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _apply_sets(recipe_dict: dict, sets: list[str]) -> dict:
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"--set expects key=value, got {item!r}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        target = recipe_dict
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[leaf] = parsed
+    return recipe_dict
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .recipe import Recipe
+    from .trainer import Trainer
+
+    recipe = load_recipe(args.recipe)
+    if args.set:
+        recipe = Recipe.from_dict(_apply_sets(recipe.to_dict(), args.set))
+    out = Path(args.out or f"runs/{recipe.method}")
+    trainer = Trainer(recipe, out, args.device)
+    if args.resume:
+        trainer.resume()
+    elif (out / "checkpoint.json").exists():
+        raise InputError(f"{out}: holds a checkpoint already; pass --resume or another --out")
+    trainer.train(args.iterations, progress=not args.quiet)
+    if args.export and trainer.rank == 0:
+        trainer.export(args.export)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .recipe import Recipe
+    from .trainer import Trainer
+
+    meta_path = Path(args.run) / "checkpoint.json"
+    if not meta_path.is_file():
+        raise InputError(f"{args.run}: no checkpoint.json")
+    trainer = Trainer(Recipe.from_dict(json.loads(meta_path.read_text())["recipe"]), args.run, "cpu")
+    trainer.resume()
+    trainer.export(args.model)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Training pairs on the method's working grid, as dicts of [1, ...] tensors: fixed, moving and (when known)
+fixed_labels, moving_labels.
+
+Synthetic pairs are drawn from a seed per index, so any pair is reproducible and a resumed run sees the same data;
+validation pairs use seeds no training index reaches. A user's folder is read as described in training/README.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from DeepRegistrationLib.errors import InputError
+from DeepRegistrationLib.geometry import Grid
+from DeepRegistrationLib.image import read_image, read_labels
+from DeepRegistrationLib.resample import normalize_intensity, resample_array
+
+from .data import synth
+from .data.phantom import ellipsoid_labels, phantom_image
+from .recipe import DataSpec
+
+VALIDATION_SEED = 10_000_000
+"""Validation pair i uses seed VALIDATION_SEED + i; training pairs use seeds below it."""
+
+SUBJECT_FILES = {
+    "icbm152_2009a": ("t1.nii.gz", "tissue.nii.gz"),
+    "colin27": ("ch2bet.nii.gz", "aal.nii.gz"),
+    "fsaverage": ("brain.nii.gz", "aseg.nii.gz"),
+}
+"""Anatomy (training/data/fetch.py output) → (T1 image, label map) file names."""
+
+
+def centred_grid(image_grid: Grid, spacing: float, shape: tuple[int, int, int]) -> Grid:
+    """RAS-aligned grid of `shape` and isotropic `spacing` mm centred on `image_grid`'s centre."""
+    centre = image_grid.voxel_to_world((np.array(image_grid.shape) - 1) / 2)
+    origin = centre - (np.array(shape) - 1) / 2 * spacing
+    return Grid.from_spacing(shape, (spacing,) * 3, tuple(origin), np.eye(3))
+
+
+def load_subject(anatomy_dir: Path, name: str, spacing: float, shape: tuple[int, int, int]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fetched subject's T1 (normalised to [0, 1]) and labels on the working grid, as [1, 1, I, J, K]."""
+    if name not in SUBJECT_FILES:
+        raise InputError(f"unknown subject {name!r}; known: {', '.join(SUBJECT_FILES)}")
+    folder = Path(anatomy_dir) / name
+    image_file, label_file = (folder / f for f in SUBJECT_FILES[name])
+    if not image_file.is_file():
+        raise InputError(f"{image_file}: missing; run `python -m training.data fetch` first")
+    image = read_image(image_file)
+    labels = read_labels(label_file)
+    grid = centred_grid(image.grid, spacing, shape)
+    data = resample_array(normalize_intensity(image.data, "mr", image.source), image.grid, grid)
+    lab = resample_array(labels.data, labels.grid, grid, order=0)
+    return torch.from_numpy(data)[None, None], torch.from_numpy(lab.astype(np.int64))[None, None]
+
+
+def _as_item(pair: synth.SyntheticPair, with_labels: bool) -> dict[str, torch.Tensor]:
+    item = {"fixed": pair.fixed[0], "moving": pair.moving[0]}
+    if with_labels and pair.fixed_labels is not None:
+        item["fixed_labels"], item["moving_labels"] = pair.fixed_labels[0], pair.moving_labels[0]
+    return item
+
+
+class SyntheticPairs(Dataset):
+    """`length` synthetic pairs (training) or the held-out validation pairs, per `DataSpec.kind`."""
+
+    def __init__(self, spec: DataSpec, spacing: float, shape: tuple[int, int, int], length: int, seed: int,
+                 validation: bool = False, labelled: set[int] | None = None) -> None:
+        self.spec, self.spacing, self.length = spec, spacing, length
+        self.seed = VALIDATION_SEED + seed * 1000 if validation else seed * VALIDATION_SEED // 100
+        self.labelled = labelled
+        if spec.kind == "phantom":
+            labels = ellipsoid_labels(shape)
+            self.subjects = [(phantom_image(labels), labels)]
+        else:
+            names = ["icbm152_2009a"] if spec.kind == "multimodal" else spec.subjects
+            self.subjects = [load_subject(Path(spec.anatomy_dir), n, spacing, shape) for n in names]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image, labels = self.subjects[index % len(self.subjects)]
+        seed = self.seed + index
+        spacing = (self.spacing,) * 3
+        kind, spec = self.spec.kind, self.spec
+        if kind in ("known_warp", "phantom"):
+            pair = synth.known_warp_pair(image, labels, spacing, seed, spec.magnitude_mm, spec.affine)
+        elif kind == "label_driven":
+            pair = synth.label_driven_pair(labels, spacing, seed, spec.magnitude_mm, spec.affine)
+        else:
+            pair = synth.multimodal_pair(labels, spacing, seed, spec.fixed_modality, spec.moving_modality,
+                                         magnitude_mm=spec.magnitude_mm, affine=spec.affine)
+            pair.fixed, pair.moving = _unit_range(pair.fixed, spec.fixed_modality), _unit_range(
+                pair.moving, spec.moving_modality)
+        return _as_item(pair, self.labelled is None or index in self.labelled)
+
+
+def _unit_range(image: torch.Tensor, modality: str) -> torch.Tensor:
+    """Synthetic contrasts to the engine's normalised intensities (CT: the HU window of `normalize_intensity`)."""
+    return torch.from_numpy(normalize_intensity(image.numpy(), "ct" if modality == "ct" else "mr"))
+
+
+class FolderPairs(Dataset):
+    """Pairs from a user's folder: `pairs.csv` (fixed,moving[,fixed_labels,moving_labels]) or `images/*.nii.gz`
+    with optional `labels/<same name>` (every ordered pair of distinct images). Images are resampled on the
+    working grid centred on each fixed image."""
+
+    def __init__(self, folder: str | Path, spacing: float, shape: tuple[int, int, int], validation: bool,
+                 validation_pairs: int, require_labels: bool) -> None:
+        folder = Path(folder)
+        rows = self._rows(folder)
+        if require_labels and any(len(r) < 4 or not r[2] or not r[3] for r in rows):
+            raise InputError(f"{folder}: this recipe needs label maps for every pair")
+        if len(rows) <= validation_pairs:
+            raise InputError(f"{folder}: {len(rows)} pairs, need more than the {validation_pairs} held out")
+        self.rows = rows[-validation_pairs:] if validation else rows[:-validation_pairs]
+        self.spacing, self.shape = spacing, shape
+
+    @staticmethod
+    def _rows(folder: Path) -> list[list[str]]:
+        if (folder / "pairs.csv").is_file():
+            with open(folder / "pairs.csv", newline="") as f:
+                rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
+            if rows and rows[0][0].strip().lower() == "fixed":
+                rows = rows[1:]
+            rows = [[str(folder / c) if c else "" for c in r] for r in rows]
+        else:
+            images = sorted((folder / "images").glob("*.nii*"))
+            if not images:
+                raise InputError(f"{folder}: no pairs.csv and no images/*.nii.gz")
+            def label_of(p):
+                lab = folder / "labels" / p.name
+                return str(lab) if lab.is_file() else ""
+            rows = [[str(a), str(b), label_of(a), label_of(b)] for a, b in itertools.permutations(images, 2)]
+        for r in rows:
+            for c in r:
+                if c and not Path(c).is_file():
+                    raise InputError(f"{folder}: listed file {c} does not exist")
+        if not rows:
+            raise InputError(f"{folder}: no training pairs")
+        return rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = self.rows[index]
+        fixed, moving = read_image(row[0]), read_image(row[1])
+        grid = centred_grid(fixed.grid, self.spacing, self.shape)
+        item = {"fixed": torch.from_numpy(resample_array(normalize_intensity(fixed.data, "mr", fixed.source),
+                                                          fixed.grid, grid))[None],
+                "moving": torch.from_numpy(resample_array(normalize_intensity(moving.data, "mr", moving.source),
+                                                           moving.grid, grid))[None]}
+        if len(row) >= 4 and row[2] and row[3]:
+            for key, path, like in (("fixed_labels", row[2], fixed), ("moving_labels", row[3], moving)):
+                lab = read_labels(path, like=like)
+                item[key] = torch.from_numpy(resample_array(lab.data, lab.grid, grid, order=0).astype(np.int64))[None]
+        return item
