@@ -90,12 +90,14 @@ class SyntheticPairs(Dataset):
         spacing = (self.spacing,) * 3
         kind, spec = self.spec.kind, self.spec
         if kind in ("known_warp", "phantom"):
-            pair = synth.known_warp_pair(image, labels, spacing, seed, spec.magnitude_mm, spec.affine)
+            pair = synth.known_warp_pair(image, labels, spacing, seed, spec.magnitude_mm, spec.affine,
+                                         boundary_landmarks=None)
         elif kind == "label_driven":
-            pair = synth.label_driven_pair(labels, spacing, seed, spec.magnitude_mm, spec.affine)
+            pair = synth.label_driven_pair(labels, spacing, seed, spec.magnitude_mm, spec.affine,
+                                           boundary_landmarks=None)
         else:
             pair = synth.multimodal_pair(labels, spacing, seed, spec.fixed_modality, spec.moving_modality,
-                                         magnitude_mm=spec.magnitude_mm, affine=spec.affine)
+                                         magnitude_mm=spec.magnitude_mm, affine=spec.affine, boundary_landmarks=None)
             pair.fixed, pair.moving = _unit_range(pair.fixed, spec.fixed_modality), _unit_range(
                 pair.moving, spec.moving_modality)
         return _as_item(pair, self.labelled is None or index in self.labelled)

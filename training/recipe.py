@@ -64,6 +64,7 @@ class Recipe:
     checkpoint_every: int = 100
     seed: int = 0
     amp: bool = True
+    workers: int = 0  # DataLoader processes synthesising pairs beside the training process
 
     def __post_init__(self) -> None:
         spec = get_method(self.method)
@@ -85,6 +86,8 @@ class Recipe:
         if self.schedule == "progressive":
             if not self.stages or sum(s["iterations"] for s in self.stages) != self.iterations:
                 raise InputError("a progressive schedule needs stages whose iterations add up to `iterations`")
+        if self.workers < 0:
+            raise InputError("workers must be ≥ 0")
         if min(self.iterations, self.batch_size, self.validate_every, self.checkpoint_every) < 1:
             raise InputError("iterations, batch_size, validate_every and checkpoint_every must be ≥ 1")
 

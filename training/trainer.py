@@ -276,7 +276,8 @@ class Trainer:
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         sampler = DistributedCyclicSampler(len(self.train_set), self.recipe.batch_size, self.iteration,
                                            self.rank, self.world)
-        return iter(DataLoader(self.train_set, batch_size=self.recipe.batch_size, sampler=sampler, num_workers=0))
+        return iter(DataLoader(self.train_set, batch_size=self.recipe.batch_size, sampler=sampler,
+                               num_workers=self.recipe.workers, persistent_workers=self.recipe.workers > 0))
 
     def train(self, max_iterations: int | None = None, progress: bool = True) -> Path:
         """Train to `recipe.iterations` (or `max_iterations` more); returns the checkpoint path."""

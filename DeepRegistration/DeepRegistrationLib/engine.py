@@ -12,7 +12,6 @@ the network maps working voxel x to x + u(x), and the complete transform is p â†
 from __future__ import annotations
 
 import copy
-import resource
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -114,7 +113,12 @@ def _check_image(image: Image, role: str) -> None:
         raise InputError(f"{image.source}: {role} image has a dimension of size 1 ({image.data.shape}); need 3D")
 
 
-def _peak_rss_bytes() -> int:
+def _peak_rss_bytes() -> int | None:
+    """Peak resident memory of this process (None where the platform does not report it, e.g. Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -236,10 +240,12 @@ def evaluate(fixed: Image, moving: Image, forward: DisplacementField, *, fixed_l
     if fixed_labels is not None:
         mask = fixed_labels.data > 0
     stats = M.jacobian_stats(det, mask)
-    out["jacobian"] = {"percent_nonpositive": stats["percent_nonpositive"],
-                       "percent_nonpositive_mask": stats.get("percent_nonpositive_mask"),
-                       "sdlogj": M.sdlogj(det, mask), "sdlogj_learn2reg": M.sdlogj_learn2reg(det, mask),
-                       "min": float(det.min()), "max": float(det.max())}
+    out["jacobian"] = {"percent_nonpositive": stats["percent_nonpositive"], "sdlogj": M.sdlogj(det),
+                       "sdlogj_learn2reg": M.sdlogj_learn2reg(det), "min": float(det.min()), "max": float(det.max())}
+    if mask is not None:  # inside the fixed labels' foreground
+        out["jacobian"].update({"percent_nonpositive_mask": stats["percent_nonpositive_mask"],
+                                "sdlogj_mask": M.sdlogj(det, mask),
+                                "sdlogj_learn2reg_mask": M.sdlogj_learn2reg(det, mask)})
     out["similarity"] = {
         stage: {"ncc": M.ncc(fixed.data, img.data), "mi": M.mutual_information(fixed.data, img.data)}
         for stage, img in (("before", before_img), ("after", warped))}
@@ -353,7 +359,7 @@ def register(fixed: Image, moving: Image, method: str, *, parameters: dict[str, 
         "method": method, "model_sha256": meta.get("sha256"), "device": str(dev),
         "working_grid": {"shape": list(grid_w.shape), "spacing_mm": float(grid_w.spacing[0])},
         "prealign": prealign, "instance_optimization": instance_optimization, "seed": seed,
-        "peak_memory_mb": round(_peak_rss_bytes() / 2**20, 1)})
+        "peak_memory_mb": None if (peak := _peak_rss_bytes()) is None else round(peak / 2**20, 1)})
     if dev.type == "cuda":
         metrics["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
     metrics["time_s"] = stages.finish()

@@ -168,18 +168,22 @@ def sample_landmarks(labels: Tensor, generator: torch.Generator, boundary_per_la
     vol = _as_volume(labels)[0, 0]
     inner = torch.zeros_like(vol, dtype=torch.bool)
     inner[margin:vol.shape[0] - margin, margin:vol.shape[1] - margin, margin:vol.shape[2] - margin] = True
+    # A voxel is on a boundary when its 3×3×3 neighbourhood holds another label (one pass for all labels).
+    v = vol[None, None].float()
+    highest = F.max_pool3d(F.pad(v, (1,) * 6, mode="replicate"), 3, stride=1)[0, 0]
+    lowest = -F.max_pool3d(F.pad(-v, (1,) * 6, mode="replicate"), 3, stride=1)[0, 0]
+    on_boundary = (highest != vol) | (lowest != vol)
     points, ids = [], []
     for label in torch.unique(vol).tolist():
         if label == 0:
             continue
         mask = vol == label
-        eroded = -F.max_pool3d(-mask[None, None].float(), 3, stride=1, padding=1)[0, 0]
         coords = torch.nonzero(mask & inner).float()
         if len(coords) == 0:
             continue
         centroid = torch.nonzero(mask).float().mean(0)
         chosen = [coords[(coords - centroid).norm(dim=1).argmin()]]
-        boundary = torch.nonzero(mask & (eroded < 0.5) & inner).float()
+        boundary = torch.nonzero(mask & on_boundary & inner).float()
         if len(boundary):
             pick = torch.randperm(len(boundary), generator=generator)[:boundary_per_label]
             chosen.extend(boundary[pick])
@@ -198,8 +202,9 @@ def transform_points(points: Tensor, displacement: Tensor) -> Tensor:
 
 def _pair(shape: Sequence[int], spacing: Spacing, generator: torch.Generator, labels: Tensor | None,
           render: Callable[[Tensor], tuple[Tensor, Tensor]], magnitude_mm: float, affine: bool,
-          boundary_landmarks: int) -> SyntheticPair:
-    """Draw v, then render (fixed, moving) given u⁻¹ and attach labels and landmarks."""
+          boundary_landmarks: int | None) -> SyntheticPair:
+    """Draw v, then render (fixed, moving) given u⁻¹ and attach labels and (unless `boundary_landmarks` is None,
+    as in training, where they are not used) landmarks."""
     velocity = random_velocity(shape, generator, spacing, magnitude_mm, affine=affine)
     displacement = warp.integrate_velocity(velocity)
     inverse = warp.integrate_velocity(-velocity)
@@ -208,6 +213,7 @@ def _pair(shape: Sequence[int], spacing: Spacing, generator: torch.Generator, la
     if labels is not None:
         pair.fixed_labels = labels.long()
         pair.moving_labels = warp.warp_labels(pair.fixed_labels, inverse, mode="nearest")
+    if labels is not None and boundary_landmarks is not None:
         points, ids = sample_landmarks(pair.fixed_labels, generator, boundary_landmarks)
         pair.fixed_landmarks, pair.landmark_labels = points, ids
         pair.moving_landmarks = transform_points(points, displacement)
@@ -216,7 +222,7 @@ def _pair(shape: Sequence[int], spacing: Spacing, generator: torch.Generator, la
 
 def known_warp_pair(image: Tensor, labels: Tensor | None = None, spacing: Spacing = (1.0, 1.0, 1.0),
                     seed: Seed = 0, magnitude_mm: float = 6.0, affine: bool = False, perturb_fixed: bool = True,
-                    boundary_landmarks: int = 4) -> SyntheticPair:
+                    boundary_landmarks: int | None = 4) -> SyntheticPair:
     """A real image and a random known warp of it: fixed = image, moving = image ∘ φ⁻¹ (see module docstring).
 
     Both get independent `perturb_intensity` (the fixed one only if `perturb_fixed`); landmarks need `labels`.
@@ -243,7 +249,7 @@ def label_driven_image(labels: Tensor, generator: torch.Generator, spacing: Spac
 
 
 def label_driven_pair(labels: Tensor, spacing: Spacing = (1.0, 1.0, 1.0), seed: Seed = 0,
-                      magnitude_mm: float = 6.0, affine: bool = False, boundary_landmarks: int = 4) -> SyntheticPair:
+                      magnitude_mm: float = 6.0, affine: bool = False, boundary_landmarks: int | None = 4) -> SyntheticPair:
     """Two independent label-driven images of one label map, the moving one warped by u⁻¹."""
     generator = make_generator(seed)
     labels = _as_volume(labels).long()
@@ -290,7 +296,7 @@ def multimodal_contrast(labels: Tensor, modality: str, generator: Seed = 0,
 def multimodal_pair(labels: Tensor, spacing: Spacing = (1.0, 1.0, 1.0), seed: Seed = 0,
                     fixed_modality: str = "t1", moving_modality: str = "t2",
                     classes: dict[int, str] | None = None, magnitude_mm: float = 6.0, affine: bool = False,
-                    boundary_landmarks: int = 4) -> SyntheticPair:
+                    boundary_landmarks: int | None = 4) -> SyntheticPair:
     """One subject (a tissue label map) in two modalities, the moving one warped by u⁻¹."""
     generator = make_generator(seed)
     labels = _as_volume(labels).long()
