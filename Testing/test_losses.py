@@ -73,3 +73,9 @@ def test_mind_ssc_invariant_to_inversion_and_linear_maps():
     assert torch.allclose(d, mind_ssc(1 - img), atol=1e-5)
     assert torch.allclose(d, mind_ssc(5 * img + 3), atol=1e-4)
     assert mind_loss(img, torch.roll(img, 2, dims=3)) > 10 * mind_loss(img, -img) + 1e-4
+
+
+def test_separable_box_mean_equals_the_cubic_window():
+    x = torch.rand(1, 2, 12, 13, 14)
+    cubic = torch.nn.functional.conv3d(x, torch.ones(2, 1, 5, 5, 5) / 125, padding=2, groups=2)
+    assert torch.allclose(losses.box_mean(x, 5), cubic, atol=1e-6)

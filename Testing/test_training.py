@@ -89,6 +89,7 @@ def test_resume_refuses_another_method_or_config(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"schedule": "nosuch"}, "unknown schedule"),
     ({"iterations": 5}, "stages whose iterations add up"),
+    ({"stages": []}, "progressive schedule needs stages"),
     ({"config": {"no_such_field": 1}}, "has no field"),
     ({"data": {"kind": "folder"}}, "needs data.folder"),
     ({"method": "nosuch"}, "unknown method"),

@@ -32,10 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     ex = sub.add_parser("export", help="write a run's checkpoint as a shipped model")
     ex.add_argument("run", help="run directory")
     ex.add_argument("model", help="output .safetensors path")
+    sub.add_parser("models", help="print the table of shipped models (docs/MODELS.md) from their JSON records")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "models":
+            print(models_table())
+            return 0
         return _export(args)
     except InputError as exc:
         print(f"training: error: {exc}", file=sys.stderr)
@@ -76,6 +80,32 @@ def _train(args: argparse.Namespace) -> int:
     if args.export and trainer.rank == 0:
         trainer.export(args.export)
     return 0
+
+
+def models_table() -> str:
+    """Markdown table of every shipped model: data, resolution, iterations, wall time, hardware, validation."""
+    from DeepRegistrationLib.models import read_metadata
+    from DeepRegistrationLib.registry import METHODS
+
+    rows = ["| method | data | working grid | iterations | wall time | hardware | val. Dice (identity → model) "
+            "| val. % det J ≤ 0 | size | sha256 |", "|" + " --- |" * 10]
+    for spec in METHODS.values():
+        if not spec.weights_path.is_file():
+            rows.append(f"| `{spec.name}` | not trained yet | | | | | | | | |")
+            continue
+        meta = read_metadata(spec.weights_path)
+        rec, cfg = meta["record"], meta["config"]
+        data = rec["recipe"]["data"]
+        val = rec.get("validation", {})
+        dice = (f"{val['dice_identity']:.3f} → {val['dice']:.3f}" if "dice" in val else "—")
+        hw = rec["hardware"]
+        rows.append(
+            f"| `{spec.name}` | {data['kind']} on {', '.join(data['subjects'])} (peak {data['magnitude_mm']} mm"
+            f"{', affine' if data['affine'] else ''}) | {'×'.join(map(str, cfg['working_shape']))} at "
+            f"{cfg['working_spacing']} mm | {rec['iteration']} | {rec['wall_time_s'] / 60:.0f} min | "
+            f"{hw['gpu'] or hw['cpu']} ({hw['device']}) | {dice} | {val.get('folding_percent', float('nan')):.3f} | "
+            f"{spec.weights_path.stat().st_size / 2**20:.1f} MB | `{meta['sha256'][:12]}` |")
+    return "\n".join(rows)
 
 
 def _export(args: argparse.Namespace) -> int:

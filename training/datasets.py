@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -71,9 +72,11 @@ class SyntheticPairs(Dataset):
 
     def __init__(self, spec: DataSpec, spacing: float, shape: tuple[int, int, int], length: int, seed: int,
                  validation: bool = False, labelled: set[int] | None = None) -> None:
+        spec = replace(spec, pool=0) if validation else spec
         self.spec, self.spacing, self.length = spec, spacing, length
         self.seed = VALIDATION_SEED + seed * 1000 if validation else seed * VALIDATION_SEED // 100
         self.labelled = labelled
+        self._cache: dict[int, dict[str, torch.Tensor]] = {}
         if spec.kind == "phantom":
             labels = ellipsoid_labels(shape)
             self.subjects = [(phantom_image(labels), labels)]
@@ -85,6 +88,17 @@ class SyntheticPairs(Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if self.spec.pool:
+            key = index % self.spec.pool
+            if key not in self._cache:
+                self._cache[key] = self._draw(key)
+            item = self._cache[key]
+            if self.labelled is not None and index not in self.labelled:
+                item = {k: v for k, v in item.items() if "labels" not in k}
+            return item
+        return self._draw(index)
+
+    def _draw(self, index: int) -> dict[str, torch.Tensor]:
         image, labels = self.subjects[index % len(self.subjects)]
         seed = self.seed + index
         spacing = (self.spacing,) * 3
@@ -100,7 +114,7 @@ class SyntheticPairs(Dataset):
                                          magnitude_mm=spec.magnitude_mm, affine=spec.affine, boundary_landmarks=None)
             pair.fixed, pair.moving = _unit_range(pair.fixed, spec.fixed_modality), _unit_range(
                 pair.moving, spec.moving_modality)
-        return _as_item(pair, self.labelled is None or index in self.labelled)
+        return _as_item(pair, self.labelled is None or self.spec.pool or index in self.labelled)
 
 
 def _unit_range(image: torch.Tensor, modality: str) -> torch.Tensor:

@@ -8,6 +8,7 @@ resolution on a CPU), the data, the optimiser and the schedule:
   levels are frozen for `freeze_iterations`, then trained jointly (LapIRN's coarse-to-fine scheme);
 * `alternating` (macjnet): registration and segmentation updates alternate (`networks.macjnet.alternating_stage`),
   each stage with its own optimiser and learning rate; only `labelled_fraction` of the pairs keep their labels.
+  With `stages`, its Reg-SubNet is also trained coarse to fine as in `progressive`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ class DataSpec:
     maps), "multimodal" (one subject in two synthetic contrasts), "phantom" (analytic, for tests), "folder" (a
     user's images, see training/README.md). `subjects`: anatomy names under `anatomy_dir` (training/data/fetch.py).
     `magnitude_mm`: peak of the random warps. `validation_pairs`: held-out pairs drawn from seeds no training pair
-    uses (and, for a folder, the last pairs of the list).
+    uses (and, for a folder, the last pairs of the list). `pool` > 0 draws only that many distinct training pairs
+    and cycles through them, each synthesised once and kept in memory (cheap CPU training); 0 draws a new pair
+    for every index.
     """
 
     kind: str = "known_warp"
@@ -42,6 +45,7 @@ class DataSpec:
     folder: str | None = None
     magnitude_mm: float = 6.0
     affine: bool = False
+    pool: int = 0
     fixed_modality: str = "t1"
     moving_modality: str = "t2"
     validation_pairs: int = 4
@@ -57,6 +61,8 @@ class Recipe:
     iterations: int = 1000
     batch_size: int = 1
     lr: float = 1e-4
+    lr_step: int = 0  # multiply the learning rate by lr_gamma every lr_step iterations (0: constant)
+    lr_gamma: float = 0.5
     schedule: str = "plain"
     stages: list[dict[str, int]] = field(default_factory=list)
     freeze_iterations: int = 0
@@ -83,9 +89,10 @@ class Recipe:
             raise InputError(f"unknown data kind {self.data.kind!r}; use one of {', '.join(DATA_KINDS)}")
         if self.data.kind == "folder" and not self.data.folder:
             raise InputError("data kind 'folder' needs data.folder")
-        if self.schedule == "progressive":
-            if not self.stages or sum(s["iterations"] for s in self.stages) != self.iterations:
-                raise InputError("a progressive schedule needs stages whose iterations add up to `iterations`")
+        if self.schedule == "progressive" and not self.stages:
+            raise InputError("a progressive schedule needs stages")
+        if self.stages and sum(s["iterations"] for s in self.stages) != self.iterations:
+            raise InputError("stages whose iterations add up to `iterations` are needed")
         if self.workers < 0:
             raise InputError("workers must be ≥ 0")
         if min(self.iterations, self.batch_size, self.validate_every, self.checkpoint_every) < 1:

@@ -198,22 +198,33 @@ class Trainer:
 
     # -- schedule ------------------------------------------------------------------------------------------------
     def stage_at(self, iteration: int) -> dict[str, Any]:
-        """Schedule state at 0-based `iteration`: active levels, frozen levels, alternating stage."""
+        """Schedule state at 0-based `iteration`: active and frozen pyramid levels (when the recipe has `stages`)
+        and, for the alternating schedule, whether it is a registration or a segmentation update."""
         r = self.recipe
-        if r.schedule == "progressive":
+        state: dict[str, Any] = {}
+        if r.stages:
             start = 0
             for stage in r.stages:
-                if iteration < start + stage["iterations"]:
+                if iteration < start + stage["iterations"] or stage is r.stages[-1]:
                     levels = stage["levels"]
                     frozen = list(range(1, levels)) if iteration - start < r.freeze_iterations else []
-                    return {"levels": levels, "frozen": frozen}
+                    state.update(levels=levels, frozen=frozen)
+                    break
                 start += stage["iterations"]
-            return {"levels": r.stages[-1]["levels"], "frozen": []}
         if r.schedule == "alternating":
             from DeepRegistrationLib.networks.macjnet import alternating_stage
 
-            return {"stage": alternating_stage(iteration, self.network.config.stage_length)}
-        return {}
+            state["stage"] = alternating_stage(iteration, self.network.config.stage_length)
+        return state
+
+    def _set_learning_rate(self, optimiser: torch.optim.Optimizer) -> None:
+        """Step decay: the initial rate times lr_gamma^(iteration // lr_step) (a function of the iteration alone,
+        so a resumed run continues it exactly)."""
+        if not self.recipe.lr_step:
+            return
+        for group in optimiser.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+            group["lr"] = group["initial_lr"] * self.recipe.lr_gamma ** (self.iteration // self.recipe.lr_step)
 
     def _apply_stage(self, stage: dict[str, Any]) -> None:
         net = self.network
@@ -305,6 +316,7 @@ class Trainer:
             if "stage" in stage:
                 optimisers = [self.optimisers[0 if stage["stage"] == "registration" else 1]]
             for opt in optimisers:
+                self._set_learning_rate(opt)
                 opt.zero_grad(set_to_none=True)
             with autocast:
                 output = model(batch["fixed"], batch["moving"])
@@ -319,7 +331,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{terms['total'].item():.4f}")
             if self.iteration % 10 == 0 or self.iteration == end:
                 self.logger.log(self.iteration, "train", {k: float(v.detach()) for k, v in terms.items()})
-            if self.iteration % r.validate_every == 0 or self.iteration == r.iterations:
+            if self.iteration % r.validate_every == 0 or self.iteration == end:
                 self.validate()
                 self.network.train()
                 self._apply_stage(stage)

@@ -24,10 +24,20 @@ def global_cc_loss(a: Tensor, b: Tensor, eps: float = 1e-5) -> Tensor:
 
 
 def box_mean(x: Tensor, window: int) -> Tensor:
-    """Mean over a cubic window of odd size `window` (zero padding, normalised by the full window volume)."""
+    """Mean over a cubic window of odd size `window` (zero padding, normalised by the full window volume).
+
+    Three separable 1D box filters: the same result as one window³ convolution at a fraction of the cost.
+    """
     channels = x.shape[1]
-    weight = torch.ones(channels, 1, window, window, window, device=x.device, dtype=x.dtype) / window**3
-    return F.conv3d(x, weight, padding=window // 2, groups=channels)
+    out = x
+    for axis in range(3):
+        shape = [channels, 1, 1, 1, 1]
+        shape[2 + axis] = window
+        padding = [0, 0, 0]
+        padding[axis] = window // 2
+        weight = torch.full(shape, 1.0 / window, device=x.device, dtype=x.dtype)
+        out = F.conv3d(out, weight, padding=tuple(padding), groups=channels)
+    return out
 
 
 def local_ncc_loss(a: Tensor, b: Tensor, window: int = 9, eps: float = 1e-5) -> Tensor:
