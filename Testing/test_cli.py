@@ -169,3 +169,54 @@ def _flat(tmp):
     img = sitk.GetImageFromArray(np.zeros((20, 20), np.float32))
     sitk.WriteImage(img, str(tmp / "flat.nii.gz"))
     return tmp / "flat.nii.gz"
+
+
+@pytest.mark.parametrize("method", sorted(registry.METHODS))
+def test_every_method_registers_through_the_command_line(case, tmp_path, method):
+    """Each registry method (freshly initialised weights) gives every output, and SimpleITK agrees with it."""
+    spec = registry.get_method(method)
+    torch.manual_seed(2)
+    weights = models.save_model(spec.build(spec.config_class(working_spacing=2.5)), method,
+                                tmp_path / f"{method}.safetensors")
+    out = tmp_path / "out"
+    assert run(["register", "--quiet", "--method", method, "--weights", weights, "--fixed", case["fixed"],
+                "--moving", case["moving"], "--output-dir", out, "--fixed-labels", case["fixed_labels"],
+                "--moving-labels", case["moving_labels"]]) == 0
+    expected = {"warped.nii.gz", "displacement.nii.gz", "inverse_displacement.nii.gz", "jacobian.nii.gz",
+                "folding.nii.gz", "warped_labels.nii.gz", "metrics.json"}
+    if spec.has_affine:
+        expected.add("affine.tfm")
+    assert expected <= {p.name for p in out.iterdir()}
+    fixed = sitk.ReadImage(str(case["fixed"]), sitk.sitkFloat64)
+    moving = sitk.ReadImage(str(case["moving"]), sitk.sitkFloat64)
+    field = sitk.ReadImage(str(out / "displacement.nii.gz"), sitk.sitkVectorFloat64)
+    theirs = sitk.GetArrayFromImage(
+        sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(field), sitk.sitkLinear, 0.0))
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz")))
+    assert np.abs(theirs - ours).max() < 1e-2 * np.abs(ours).max()
+    assert json.loads((out / "metrics.json").read_text())["method"] == method
+
+
+def test_affine_tfm_is_the_complete_transform_when_the_deformable_part_is_zero(case, tmp_path):
+    """jad with a zero flow layer and a known affine head: affine.tfm (ITK, LPS) and displacement.nii.gz agree."""
+    spec = registry.get_method("jad")
+    net = spec.build(spec.config_class(working_spacing=2.5))
+    with torch.no_grad():
+        net.flow.weight.zero_()
+        net.flow.bias.zero_()
+        net.affine_head.bias.copy_(torch.tensor([0.03, -0.02, 0.0, 0.05, 0.01, 0.04, 0.0, -0.03, 0.0, 0.02, 0.0,
+                                                 -0.04]))
+    weights = models.save_model(net, "jad", tmp_path / "jad.safetensors")
+    out = tmp_path / "out"
+    assert run(["register", "--quiet", "--method", "jad", "--weights", weights, "--fixed", case["fixed"],
+                "--moving", case["moving"], "--output-dir", out]) == 0
+    affine = sitk.ReadTransform(str(out / "affine.tfm"))
+    dense = sitk.DisplacementFieldTransform(sitk.ReadImage(str(out / "displacement.nii.gz"), sitk.sitkVectorFloat64))
+    ref = sitk.ReadImage(str(case["fixed"]))
+    moved = 0.0
+    for index in ([8, 9, 7], [15, 17, 14], [20, 22, 18]):
+        p = ref.TransformIndexToPhysicalPoint(index)
+        a, d = np.array(affine.TransformPoint(p)), np.array(dense.TransformPoint(p))
+        assert np.linalg.norm(a - d) < 0.05
+        moved = max(moved, np.linalg.norm(a - np.array(p)))
+    assert moved > 1.0, "the test affine should move points"
