@@ -52,3 +52,28 @@ def toy_pair():
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+def random_pair(shape: tuple[int, int, int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two unrelated smooth random images [1, 1, I, J, K] (for shape and gradient checks)."""
+    gen = torch.Generator().manual_seed(seed)
+    fixed = warp.gaussian_smooth(torch.rand(1, 1, *shape, generator=gen), 1.0)
+    moving = warp.gaussian_smooth(torch.rand(1, 1, *shape, generator=gen), 1.0)
+    return fixed, moving
+
+
+def label_dice(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean Dice over the non-zero labels of two label maps."""
+    from DeepRegistrationLib.metrics import mean_dice
+
+    return mean_dice(a.numpy(), b.numpy())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: the networks' tests run small grids, where a second, contended thread on a shared
+    2-core machine costs far more than it gains."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

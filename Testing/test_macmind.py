@@ -9,18 +9,10 @@ from conftest import phantom_image
 
 from DeepRegistrationLib import losses, macmind, mind, warp
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONTRAST_A = (0.0, 0.5, 1.0, 0.25, 0.8)
 CONTRAST_B = (0.0, 0.6, 0.1, 0.9, 0.3)  # a different, non-monotone ordering of the five tissues
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Run single-threaded: on the shared 2-core test machine, OpenMP barriers in the descriptor's many small
-    tensor operations cost far more than a second thread gains (about 15× slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def multimodal_pair(pair: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

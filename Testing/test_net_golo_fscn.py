@@ -10,17 +10,11 @@ import torch
 from DeepRegistrationLib import losses, padding, warp
 from DeepRegistrationLib.networks import golo_fscn
 from DeepRegistrationLib.registry import get_method
+from conftest import label_dice as dice
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = dict(start_channels=2)  # width 8: fast CPU tests of the same architecture
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these small convolutions gain nothing from more on the shared CPU test machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_net(**overrides) -> golo_fscn.GoLoFSCN:
@@ -29,11 +23,6 @@ def small_net(**overrides) -> golo_fscn.GoLoFSCN:
 
 def level_nets(net: golo_fscn.GoLoFSCN) -> list[golo_fscn.FSCNLevel]:
     return [m for m in net.modules() if isinstance(m, golo_fscn.FSCNLevel)]
-
-
-def dice(a: torch.Tensor, b: torch.Tensor) -> float:
-    scores = [2 * ((a == v) & (b == v)).sum() / ((a == v).sum() + (b == v).sum()) for v in range(1, 5)]
-    return float(torch.stack(scores).mean())
 
 
 # ---------------------------------------------------------------------------------------------------- blocks

@@ -13,28 +13,9 @@ from DeepRegistrationLib import losses, padding, registry, warp
 from DeepRegistrationLib.networks import jad
 
 from conftest import ellipsoid_labels, phantom_image
+from conftest import random_pair as pair, label_dice as dice
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small grids: one intra-op thread is faster than contended ones on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def pair(shape, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    fixed = warp.gaussian_smooth(torch.rand(1, 1, *shape, generator=gen), 1.0)
-    moving = warp.gaussian_smooth(torch.rand(1, 1, *shape, generator=gen), 1.0)
-    return fixed, moving
-
-
-def dice(a: torch.Tensor, b: torch.Tensor) -> float:
-    values = [v for v in torch.unique(b).tolist() if v != 0]
-    return sum(float(2 * ((a == v) & (b == v)).sum() / ((a == v).sum() + (b == v).sum())) for v in values) / len(
-        values)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rigid(shape, degrees: float, translation) -> torch.Tensor:

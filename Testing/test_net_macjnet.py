@@ -10,17 +10,9 @@ from test_macmind import mean_dice, multimodal_pair
 from DeepRegistrationLib import padding, warp
 from DeepRegistrationLib.networks import macjnet
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = dict(start_channels=2, seg_features=(8, 8, 8, 8, 8), seg_classes=5)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Run single-threaded: on the shared 2-core test machine, OpenMP barriers in the descriptor's many small
-    tensor operations cost far more than a second thread gains (about 15× slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_net(**overrides) -> macjnet.Network:

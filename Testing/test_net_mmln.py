@@ -10,38 +10,21 @@ import torch
 
 from DeepRegistrationLib import losses, metrics, padding, registry, warp
 from DeepRegistrationLib.networks import mmln
+from conftest import random_pair as pair, label_dice as dice
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = dict(start_channels=2, planar_start_channels=2, num_res_blocks=1)
 """A narrow network for the tests that run it (the CPU is shared); the structure is the paper's."""
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The grids here are tiny: one intra-op thread is faster than contended ones on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def small_net(**overrides) -> mmln.MMLN:
     return mmln.MMLN(mmln.Config(**{**SMALL, **overrides}))
 
 
-def pair(shape, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    fixed = warp.gaussian_smooth(torch.rand(1, 1, *shape, generator=gen), 1.0)
-    moving = warp.gaussian_smooth(torch.rand(1, 1, *shape, generator=gen), 1.0)
-    return fixed, moving
-
-
 def zero_heads(net: mmln.MMLN) -> None:
     for level in [*net.levels, *net.planar_levels]:
         torch.nn.init.zeros_(level.head.out.weight)
-
-
-def dice(a: torch.Tensor, b: torch.Tensor) -> float:
-    return metrics.mean_dice(a.numpy(), b.numpy())
 
 
 def test_paper_defaults():

@@ -5,24 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from DeepRegistrationLib import losses, padding, registry, warp
 from DeepRegistrationLib.networks import voxelmorph
 from DeepRegistrationLib.networks.base import RegistrationOutput
+from conftest import random_pair as pair, label_dice as dice
 
-
-def pair(shape, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    fixed = warp.gaussian_smooth(torch.rand(1, 1, *shape, generator=gen), 1.0)
-    moving = warp.gaussian_smooth(torch.rand(1, 1, *shape, generator=gen), 1.0)
-    return fixed, moving
-
-
-def dice(a: torch.Tensor, b: torch.Tensor) -> float:
-    values = [v for v in torch.unique(b).tolist() if v != 0]
-    return sum(float(2 * ((a == v) & (b == v)).sum() / ((a == v).sum() + (b == v).sum())) for v in values) / len(
-        values)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_defaults_and_registry():
