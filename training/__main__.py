@@ -117,6 +117,7 @@ def _export(args: argparse.Namespace) -> int:
         raise InputError(f"{args.run}: no checkpoint.json")
     trainer = Trainer(Recipe.from_dict(json.loads(meta_path.read_text())["recipe"]), args.run, "cpu")
     trainer.resume()
+    trainer.validate()  # the record carries the validation of exactly these weights
     trainer.export(args.model)
     return 0
 
