@@ -17,7 +17,7 @@ if [ ! -f "$stamp" ]; then
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
     # torch first and pinned: an unpinned torch would pull gigabytes of CUDA packages.
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check torch==2.13.0
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[test,slicer]"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[test,slicer,classical,training]"
     rm -f "$venv"/.installed-*
     touch "$stamp"
 fi

@@ -13,8 +13,6 @@ Images reach the tools through NIfTI files written by `image.write_image`, so bo
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +22,6 @@ from DeepRegistrationLib.errors import InputError
 from DeepRegistrationLib.field_io import DisplacementField, read_itk_displacement
 from DeepRegistrationLib.geometry import RAS_FROM_LPS, Grid
 from DeepRegistrationLib.image import Image, write_image
-
-
-def set_threads(threads: int) -> None:
-    """Limit ITK (ANTs, Elastix), OpenMP and BLAS threads; call before importing `ants` or `itk`."""
-    for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
 
 
 def _write_inputs(fixed: Image, moving: Image, workdir: Path) -> tuple[Path, Path]:
@@ -96,7 +87,7 @@ def elastix_register(fixed: Image, moving: Image, parameter_maps: list[dict[str,
     f, m = itk.imread(str(fixed_path), itk.F), itk.imread(str(moving_path), itk.F)
     _, transform = itk.elastix_registration_method(f, m, parameter_object=elastix_parameter_object(parameter_maps),
                                                    log_to_console=False, number_of_threads=threads)
-    field = itk.transformix_deformation_field(m, transform)
+    field = itk.transformix_deformation_field(m, transform, output_directory=str(workdir))
     result = _itk_field_to_ours(field)
     if not result.grid.same_as(fixed.grid, tol=1e-3):
         raise RuntimeError("transformix returned a field on another grid than the fixed image's")
@@ -104,12 +95,10 @@ def elastix_register(fixed: Image, moving: Image, parameter_maps: list[dict[str,
 
 
 def run_classical(tool: str, settings: dict[str, Any], fixed: Image, moving: Image, threads: int,
-                  workdir: Path | None = None) -> DisplacementField:
-    """The forward field of a classical method described by a manifest `classical` entry."""
-    with tempfile.TemporaryDirectory(prefix="deepreg_classical_") as tmp:
-        work = Path(workdir or tmp)
-        if tool == "ants":
-            return ants_register(fixed, moving, settings["registration"], work)[0]
-        if tool == "elastix":
-            return elastix_register(fixed, moving, settings["parameter_maps"], work, threads)[0]
+                  workdir: Path) -> DisplacementField:
+    """The forward field of a classical method described by a manifest `classical` entry (files go to `workdir`)."""
+    if tool == "ants":
+        return ants_register(fixed, moving, settings["registration"], workdir)[0]
+    if tool == "elastix":
+        return elastix_register(fixed, moving, settings["parameter_maps"], workdir, threads)[0]
     raise InputError(f"unknown classical tool {tool!r}; use 'ants' or 'elastix'")

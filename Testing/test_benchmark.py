@@ -1,0 +1,201 @@
+"""Benchmark harness (training/benchmark): manifest, deterministic pairs, scoring, the child-process runner, and the
+ANTs / Elastix field extraction checked against each tool's own warped image. Phantoms only, no fetched data."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from DeepRegistrationLib import warp
+from DeepRegistrationLib.errors import InputError
+from DeepRegistrationLib.field_io import DisplacementField, apply_field
+from DeepRegistrationLib.geometry import Grid
+from DeepRegistrationLib.image import Image, write_image
+from training.benchmark.methods import IDENTITY, available_methods
+from training.benchmark.scoring import score
+from training.benchmark.suite import (SUITE_PATH, ManifestError, load_manifest, load_pair, materialise,
+                                      suite_grid)
+from training.data.phantom import ellipsoid_labels, phantom_image
+
+PHANTOM = (24, 24, 24)
+
+
+def _tiny_manifest() -> dict:
+    """A manifest over two phantom 'subjects' with every pair kind, on a 22×22×20 grid of 1 mm."""
+    structures = {"blob_a": [2], "blob_b": [3], "core": [4]}
+    subject = {"structures": structures, "tissue_classes": {"1": "wm", "2": "gm", "3": "gm", "4": "csf"}}
+    return {
+        "suite": "test", "version": 1, "resolution_mm": 1.0,
+        "grid": {"fov_mm": [22.0, 22.0, 20.0], "centre_ras_mm": [0.0, 0.0, 0.0]},
+        "subjects": {name: {"image": f"{name}/t1.nii.gz", "labels": f"{name}/labels.nii.gz", **subject}
+                     for name in ("a", "b")},
+        "label_sets": {"blobs": ["blob_a", "blob_b", "core"]},
+        "pairs": [
+            {"id": "xs", "kind": "cross_subject", "fixed": "a", "moving": "b", "label_set": "blobs"},
+            {"id": "kw", "kind": "known_warp", "subject": "a", "label_set": "blobs", "seed": 7, "magnitude_mm": 2.0,
+             "affine": True, "boundary_landmarks": 3},
+            {"id": "mm", "kind": "multimodal", "subject": "b", "label_set": "blobs", "seed": 8, "magnitude_mm": 2.0,
+             "moving_contrast": "ct", "boundary_landmarks": 3},
+        ],
+        "subsets": {"synthetic": ["kw", "mm"]},
+        "speed": {"pair": "kw", "resolution_mm": 1.0},
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(manifest, anatomy dir, cache dir): phantom subjects a and b (b shifted 1.5 mm and re-contrasted)."""
+    root = tmp_path_factory.mktemp("bench")
+    labels = ellipsoid_labels(PHANTOM)
+    for name, shift, intensities in (("a", 0.0, (0.0, 0.5, 1.0, 0.25, 0.8)), ("b", 1.5, (0.0, 0.6, 0.9, 0.3, 0.7))):
+        grid = Grid.from_spacing(PHANTOM, (1.0,) * 3, (-11.5 + shift, -11.5, -11.5))
+        (root / "anatomy" / name).mkdir(parents=True)
+        image = phantom_image(labels, intensities)[0, 0].numpy()
+        write_image(Image(image, grid), root / "anatomy" / name / "t1.nii.gz")
+        write_image(Image(labels[0, 0].numpy().astype(np.int16), grid), root / "anatomy" / name / "labels.nii.gz")
+    path = root / "suite.json"
+    path.write_text(json.dumps(_tiny_manifest()))
+    return load_manifest(path), root / "anatomy", root / "cache"
+
+
+def test_shipped_manifest_parses():
+    manifest = load_manifest(SUITE_PATH)
+    pairs = manifest.pairs
+    assert {p.kind for p in pairs.values()} == {"cross_subject", "known_warp", "multimodal"}
+    small = manifest.select(["small"])
+    assert len(small) == 7 and {p.kind for p in small} == {"cross_subject", "known_warp", "multimodal"}
+    assert suite_grid(manifest).shape == (96, 112, 96) and suite_grid(manifest, 1.0).shape == (192, 224, 192)
+    assert [m.name for m in available_methods(manifest, [IDENTITY, "ants_syn", "elastix"])] == [
+        IDENTITY, "ants_syn", "elastix"]
+    with pytest.raises(ManifestError, match="no pair or subset 'nope'"):
+        manifest.select(["nope"])
+    with pytest.raises(InputError, match="unknown or unavailable method"):
+        available_methods(manifest, ["not_a_method"])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["subsets"].update(bad=["kw", "missing_pair"]), "names missing pairs"),
+    (lambda m: m["pairs"][0].update(moving="nobody"), "names subject 'nobody'"),
+    (lambda m: m["pairs"][1].update(kind="other"), "kind 'other'"),
+    (lambda m: m["pairs"][2].pop("seed"), "need a seed"),
+    (lambda m: m["label_sets"].update(blobs=["blob_a", "hippocampus"]), "does not define structure"),
+])
+def test_bad_manifest_is_a_clear_error(tmp_path, edit, message):
+    raw = copy.deepcopy(_tiny_manifest())
+    edit(raw)
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=message):
+        load_manifest(path)
+
+
+def test_materialise_is_deterministic_and_ground_truth_is_exact(tiny, tmp_path):
+    manifest, anatomy, cache = tiny
+    for spec in manifest.pairs.values():
+        first = load_pair(materialise(manifest, spec, anatomy_dir=anatomy, cache_dir=cache))
+        again = load_pair(materialise(manifest, spec, anatomy_dir=anatomy, cache_dir=tmp_path))
+        for key in ("fixed", "moving", "fixed_labels", "moving_labels"):
+            np.testing.assert_array_equal(getattr(first, key).data, getattr(again, key).data)
+        assert first.fixed.grid.same_as(suite_grid(manifest)) and first.label_names == {
+            1: "blob_a", 2: "blob_b", 3: "core"}
+        if spec.kind == "cross_subject":
+            assert first.truth is None
+            continue
+        np.testing.assert_array_equal(first.truth.data, again.truth.data)
+        # The true field carries the moving labels and landmarks back onto the fixed ones.
+        warped = apply_field(first.moving_labels, first.truth, order=0).data
+        inside = first.fixed_labels.data > 0
+        assert (warped[inside] == first.fixed_labels.data[inside]).mean() > 0.97
+        np.testing.assert_allclose(first.truth.map_points(first.fixed_points), first.moving_points, atol=2e-3)
+        assert len(first.fixed_points) >= 9
+    mm = load_pair(materialise(manifest, manifest.pairs["mm"], anatomy_dir=anatomy, cache_dir=cache))
+    assert mm.moving.data.min() < -900 and mm.spec.modalities == ("mr", "ct")  # CT-like moving image in HU
+    stamp = (cache / "suite_v1" / "1mm" / "kw" / "moving.nii.gz").stat().st_mtime_ns
+    materialise(manifest, manifest.pairs["kw"], anatomy_dir=anatomy, cache_dir=cache)  # cached: not rebuilt
+    assert (cache / "suite_v1" / "1mm" / "kw" / "moving.nii.gz").stat().st_mtime_ns == stamp
+    with pytest.raises(InputError, match="not a materialised pair"):
+        load_pair(tmp_path / "empty")
+
+
+def test_scores_of_identity_and_of_the_true_field(tiny):
+    manifest, anatomy, cache = tiny
+    pair = load_pair(materialise(manifest, manifest.pairs["kw"], anatomy_dir=anatomy, cache_dir=cache))
+    zero = DisplacementField(np.zeros_like(pair.truth.data), pair.truth.grid)
+    row, structures = score(pair, zero)
+    true_norm = np.linalg.norm(pair.truth.data[pair.fixed_mask].astype(np.float64), axis=-1)
+    assert row["epe_mm"] == pytest.approx(true_norm.mean(), rel=1e-6)
+    assert row["tre_mm"] == pytest.approx(row["tre_before_mm"]) and row["tre_mm"] > 0.5
+    assert row["dice"] == pytest.approx(row["dice_before"])
+    assert row["folding_pct"] == 0 and row["sdlogj"] == pytest.approx(0.0, abs=1e-9)
+    assert [s["structure"] for s in structures] == ["blob_a", "blob_b", "core"]
+    best, _ = score(pair, pair.truth)
+    assert best["epe_mm"] == 0 and best["tre_mm"] < 2e-3 and best["dice"] > row["dice"] + 0.05
+
+
+def test_run_suite_in_child_process_writes_every_output(tiny, tmp_path):
+    from training.benchmark.run import run_suite
+
+    manifest, anatomy, cache = tiny
+    records = run_suite(manifest, ["kw"], [IDENTITY], tmp_path, threads=1, anatomy_dir=anatomy, cache_dir=cache,
+                        log=lambda line: None)
+    (record,) = records
+    assert not record["error"] and record["seconds"] >= 0 and record["peak_mb"] > 50
+    assert record["epe_mm"] > 0.2 and record["dice"] == pytest.approx(record["dice_before"])
+    for name in ("results.csv", "structures.csv", "summary.md", "run.json", "results.jsonl", "dice_known_warp_blobs.png"):
+        assert (tmp_path / name).is_file(), name
+    assert "| identity | 1 |" in (tmp_path / "summary.md").read_text()
+
+
+def _oblique_pair() -> tuple[Image, Image]:
+    """A 26×24×22 phantom pair on oblique, anisotropic grids with different origins; moving shifted 1.5 voxels."""
+    shape = (26, 24, 22)
+    image = phantom_image(ellipsoid_labels(shape))
+    rotation = Rotation.from_euler("xyz", [10, -5, 20], degrees=True).as_matrix()
+    velocity = torch.zeros(1, 3, *shape)
+    velocity[:, 0] = 1.5
+    moving = warp.warp_image(image, warp.integrate_velocity(velocity))
+    fixed_grid = Grid.from_spacing(shape, (1.5, 1.2, 1.0), (10.0, -20.0, 5.0), rotation)
+    moving_grid = Grid.from_spacing(shape, (1.5, 1.2, 1.0), (12.0, -18.0, 4.0), rotation)
+    return Image(image[0, 0].numpy(), fixed_grid), Image(moving[0, 0].numpy(), moving_grid)
+
+
+def test_ants_field_reproduces_ants_warped_image(tmp_path):
+    ants = pytest.importorskip("ants")
+    from training.benchmark.classical import ants_register
+
+    fixed, moving = _oblique_pair()
+    field, transforms = ants_register(fixed, moving, {"type_of_transform": "SyN", "reg_iterations": (20, 10, 0)},
+                                      tmp_path)
+    assert len(transforms) == 2  # the SyN warp and the affine, both composed into `field`
+    theirs = ants.apply_transforms(ants.image_read(str(tmp_path / "fixed.nii")),
+                                   ants.image_read(str(tmp_path / "moving.nii")), transforms).numpy()
+    ours = apply_field(moving, field).data
+    assert np.abs(field.data).max() > 1.0  # a real, non-trivial transform
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_elastix_field_reproduces_elastix_warped_image(tmp_path):
+    itk = pytest.importorskip("itk")
+    from training.benchmark.classical import elastix_register
+
+    fixed, moving = _oblique_pair()
+    maps = copy.deepcopy(load_manifest(SUITE_PATH).classical["elastix"]["parameter_maps"])
+    for entries in maps:
+        entries.update(NumberOfResolutions="1", MaximumNumberOfIterations="30", NumberOfSpatialSamples="500")
+    maps[1].update(GridSpacingSchedule=["1"], FinalGridSpacingInPhysicalUnits=["8", "8", "8"],
+                   SampleRegionSize=["20", "20", "20"])
+    field, transform = elastix_register(fixed, moving, maps, tmp_path, threads=2)
+    theirs = itk.array_from_image(itk.transformix_filter(itk.imread(str(tmp_path / "moving.nii"), itk.F),
+                                                         transform)).transpose(2, 1, 0)
+    ours = apply_field(moving, field).data
+    # Elastix's order-1 B-spline interpolator returns the default value in the outer half voxel, where ITK's
+    # resampler (and apply_field) extend the border; compare where the mapped point is inside by one voxel.
+    ijk = moving.grid.world_to_voxel(field.grid.world_coordinates() + field.data)
+    inside = np.all((ijk >= 0.5) & (ijk <= np.array(moving.grid.shape) - 1.5), axis=-1)
+    assert inside.mean() > 0.5 and np.abs(field.data).max() > 1.0
+    np.testing.assert_allclose(ours[inside], theirs[inside], atol=1e-4)
