@@ -89,6 +89,10 @@ def run_suite(manifest: Manifest, pair_names: list[str] | None = None, method_na
         f"{threads} threads, {info['resolution_mm']:g} mm")
     jsonl = out_dir / "results.jsonl"
     done = _finished(jsonl) if resume else {}
+    if resume and (out_dir / "run.json").is_file():
+        previous = json.loads((out_dir / "run.json").read_text())
+        info["resumed"] = [*previous.get("resumed", []), info["started"]]
+        info["started"], info["machine"]["load_average"] = previous["started"], previous["machine"]["load_average"]
     if not resume:
         jsonl.write_text("")
     records = []
@@ -223,7 +227,8 @@ def summary_markdown(records: list[dict[str, Any]], info: dict[str, Any]) -> str
     lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads per method, load average "
               f"{_load(m.get('load_average'))} at start and {_load(m.get('load_average_end'))} at the end; "
               f"{info['resolution_mm']:g} mm grid; versions {', '.join(f'{k} {v}' for k, v in m['versions'].items())}; "
-              f"{info['started']} – {info.get('finished', '?')}.", ""]
+              f"{info['started']} – {info.get('finished', '?')}"
+              + (f" (resumed {', '.join(info['resumed'])})" if info.get("resumed") else "") + ".", ""]
     return "\n".join(lines)
 
 

@@ -16,9 +16,12 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import set_threads
+
+if TYPE_CHECKING:
+    from .methods import Method
 
 
 def _status_mb(key: str) -> float | None:
@@ -59,12 +62,23 @@ def _run(job: dict[str, Any], out: Path, start: float) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(job["threads"])
-    from DeepRegistrationLib.field_io import write_itk_displacement
-
-    from .methods import Method, run_method
+    from .methods import Method
 
     method = Method(**job["method"])
     weights = _random_weights(method.name, out) if job.get("random_weights") else None
+    try:
+        return _timed(job, method, weights, out, start)
+    finally:
+        if weights is not None:
+            Path(weights).unlink(missing_ok=True)
+            Path(weights).with_suffix(".json").unlink(missing_ok=True)
+
+
+def _timed(job: dict[str, Any], method: Method, weights: str | None, out: Path, start: float) -> dict[str, Any]:
+    from DeepRegistrationLib.field_io import write_itk_displacement
+
+    from .methods import run_method
+
     if job["mode"] == "speed":
         from .speed import full_pipeline
 
@@ -85,7 +99,7 @@ def _run(job: dict[str, Any], out: Path, start: float) -> dict[str, Any]:
     return {"seconds": seconds, "startup_s": startup, "baseline_mb": baseline}
 
 
-def _preload(method: Any) -> None:
+def _preload(method: Method) -> None:
     """Import the method's code and libraries before the clock starts (ITK's lazy loading alone takes seconds)."""
     tool = method.settings.get("tool")
     if method.kind == "network":
