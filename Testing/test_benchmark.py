@@ -146,7 +146,8 @@ def test_run_suite_in_child_process_writes_every_output(tiny, tmp_path):
     (record,) = records
     assert not record["error"] and record["seconds"] >= 0 and record["peak_mb"] > 50
     assert record["epe_mm"] > 0.2 and record["dice"] == pytest.approx(record["dice_before"])
-    for name in ("results.csv", "structures.csv", "summary.md", "run.json", "results.jsonl", "dice_known_warp_blobs.png"):
+    for name in ("results.csv", "structures.csv", "summary.md", "run.json", "results.jsonl",
+                 "dice_known_warp_blobs.png"):
         assert (tmp_path / name).is_file(), name
     assert "| identity | 1 |" in (tmp_path / "summary.md").read_text()
 

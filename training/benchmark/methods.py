@@ -13,6 +13,7 @@ import numpy as np
 
 from DeepRegistrationLib.errors import InputError
 from DeepRegistrationLib.field_io import DisplacementField
+from DeepRegistrationLib.image import Image
 from DeepRegistrationLib.registry import METHODS
 
 from .suite import Manifest, PairSpec
@@ -61,8 +62,8 @@ def available_methods(manifest: Manifest, names: list[str] | None = None) -> lis
     return [known[n] for n in names]
 
 
-def run_method(method: Method, fixed, moving, modalities: tuple[str, str], threads: int, device: str = "cpu",
-               weights: str | None = None) -> tuple[DisplacementField, float]:
+def run_method(method: Method, fixed: Image, moving: Image, modalities: tuple[str, str], threads: int,
+               device: str = "cpu", weights: str | None = None) -> tuple[DisplacementField, float]:
     """Register `moving` to `fixed` with `method`; returns (forward field, seconds spent producing it).
 
     For networks the seconds are the engine's stages without its built-in metrics (the full pipeline

@@ -122,7 +122,8 @@ def run_speed(manifest: Manifest, method_names: list[str] | None = None, threads
 
 
 def speed_markdown(report: dict[str, Any]) -> str:
-    lines = ["| method | time s | SyN time / method time | peak MB | where the time goes (s) |", "|---|---|---|---|---|"]
+    lines = ["| method | time s | SyN time / method time | peak MB | where the time goes (s) |",
+             "|---|---|---|---|---|"]
     for r in report["rows"]:
         if r.get("error"):
             lines.append(f"| {r['method']} | failed: {r['error'].splitlines()[0][:80]} | | | |")
