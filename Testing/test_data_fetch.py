@@ -143,7 +143,6 @@ def test_fsaverage_unknown_aseg_id_is_an_error(tmp_path):
     assert nib.aff2axcodes(labels.affine) == ("R", "A", "S") and labels.get_data_dtype() == np.int16
 
 
-@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
 def test_colin27_from_a_deb_and_aal_table_mismatch(tmp_path):
     base = "usr/share/mricron/templates/"
     root = tmp_path / "pkg"
