@@ -72,7 +72,7 @@ class DeepRegistrationParameterNode:
     fixedLandmarks: vtkMRMLMarkupsFiducialNode
     movingLandmarks: vtkMRMLMarkupsFiducialNode
     mask: LabelNode
-    method: str = "voxelmorph"  # registry.DEFAULT_METHOD (the backend is not importable before its install)
+    method: str = "lapirn"  # registry.DEFAULT_METHOD (the backend is not importable before its install)
     methodParameters: str = "{}"  # JSON {method: {config field: value}}, edited through the generated panel
     weights: str = ""  # empty: the shipped model of the method
     device: str = "auto"

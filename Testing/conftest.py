@@ -69,6 +69,31 @@ def label_dice(a: torch.Tensor, b: torch.Tensor) -> float:
     return mean_dice(a.numpy(), b.numpy())
 
 
+def optimise_on_pair(net: torch.nn.Module, data: dict, steps: int, lr: float,
+                     keys: tuple[str, ...] = ("fixed", "moving"), eval_output: bool = False) -> dict:
+    """`steps` Adam updates of `net`'s loss on one toy pair (`data` from `toy_pair`; `keys` go into the loss
+    batch), then the network once more on the same pair (in eval mode with `eval_output`: a few steps leave
+    BatchNorm's running statistics far from the batch's, so BatchNorm networks are read in train mode). Returns
+    the first and final loss, the final output, and the mean label Dice before (identity) and after warping the
+    moving labels by the output."""
+    batch = {k: data[k] for k in keys}
+    optimiser = torch.optim.Adam(net.parameters(), lr=lr)
+    first = None
+    for _ in range(steps):
+        total = net.loss(net(data["fixed"], data["moving"]), batch)["total"]
+        first = float(total.detach()) if first is None else first
+        optimiser.zero_grad()
+        total.backward()
+        optimiser.step()
+    with torch.no_grad():
+        final = float(net.loss(net(data["fixed"], data["moving"]), batch)["total"])
+        net.train(not eval_output)
+        out = net(data["fixed"], data["moving"])
+    return {"first": first, "final": final, "output": out,
+            "dice_before": label_dice(data["moving_labels"], data["fixed_labels"]),
+            "dice_after": label_dice(warp.warp_labels(data["moving_labels"], out.displacement), data["fixed_labels"])}
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread: the networks' tests run small grids, where a second, contended thread on a shared

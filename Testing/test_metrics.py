@@ -200,3 +200,24 @@ def test_similarity_metrics():
 
     assert metrics.ssim(a, a) == pytest.approx(1.0)
     assert metrics.ssim(a, a + 0.3 * noise) < metrics.ssim(a, a + 0.1 * noise) < 1.0
+
+
+def test_surface_metrics_match_whole_array_distances():
+    """Distances computed inside the masks' box equal the whole-array ones, masks touching the border included;
+    `surface_metrics` gives the same HD95 and ASSD as the separate functions."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(4)
+    a = ndimage.gaussian_filter(rng.random((20, 24, 18)), 2) > 0.5
+    b = np.roll(a, 2, axis=1)
+    a[0, 5:9, 3:6] = b[19, 0:4, 17] = True
+
+    def whole(src, dst):
+        s = src & ~ndimage.binary_erosion(src, border_value=0)
+        t = dst & ~ndimage.binary_erosion(dst, border_value=0)
+        return ndimage.distance_transform_edt(~t, sampling=SPACING)[s]
+
+    d_ab, d_ba = metrics.surface_distances(a, b, SPACING)
+    assert np.array_equal(d_ab, whole(a, b)) and np.array_equal(d_ba, whole(b, a))
+    both = metrics.surface_metrics(a, b, SPACING)
+    assert both == {"hd95": metrics.hd95(a, b, SPACING), "assd": metrics.assd(a, b, SPACING)}

@@ -10,7 +10,7 @@ import torch
 
 from DeepRegistrationLib import losses, padding, registry, warp
 from DeepRegistrationLib.networks import lapirn
-from conftest import random_pair as pair, label_dice as dice
+from conftest import optimise_on_pair, random_pair as pair
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -197,25 +197,10 @@ def test_autocast_keeps_fields_and_loss_in_float32():
 def test_short_optimisation_improves_loss_and_dice(toy_pair):
     """Stage 2 of LapIRN's progressive training (levels 1 and 2) on one 32³ pair; narrow CNNs keep it fast on CPU
     (level 3 is covered by the gradient test)."""
-    torch.manual_seed(0)
-    data = toy_pair(shape=(32, 32, 32), magnitude=4.0)
-    batch = {"fixed": data["fixed"], "moving": data["moving"]}
     net = lapirn.Network(lapirn.Config(start_channels=2))
     net.active_levels = 2
-    optimiser = torch.optim.Adam(net.parameters(), lr=5e-3)
-    before = dice(warp.warp_labels(data["moving_labels"], torch.zeros(1, 3, 32, 32, 32)), data["fixed_labels"])
-    first = None
-    for _ in range(20):
-        loss = net.loss(net(batch["fixed"], batch["moving"]), batch)["total"]
-        first = loss.item() if first is None else first
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    with torch.no_grad():
-        out = net(batch["fixed"], batch["moving"])
-        last = net.loss(out, batch)["total"].item()
-    after = dice(warp.warp_labels(data["moving_labels"], out.displacement), data["fixed_labels"])
-    print(f"LapIRN loss {first:.4f} -> {last:.4f}, Dice {before:.3f} -> {after:.3f}")
-    assert last < first - 0.015
-    assert after > before + 0.01
-    assert warp.jacobian_determinant(out.displacement).min() > 0
+    r = optimise_on_pair(net, toy_pair(shape=(32, 32, 32), magnitude=4.0), steps=20, lr=5e-3)
+    print(f"LapIRN loss {r['first']:.4f} -> {r['final']:.4f}, Dice {r['dice_before']:.3f} -> {r['dice_after']:.3f}")
+    assert r["final"] < r["first"] - 0.015
+    assert r["dice_after"] > r["dice_before"] + 0.01
+    assert warp.jacobian_determinant(r["output"].displacement).min() > 0

@@ -154,3 +154,15 @@ def test_icon_and_cmake_resources():
     for needle in ("slicerMacroBuildScriptedModule", "Resources/UI/${MODULE_NAME}.ui",
                    "Resources/Icons/${MODULE_NAME}.png", "${MODULE_NAME}Lib/*.py"):
         assert needle in cmake, needle
+
+
+def test_widget_starts_with_the_registry_default_method(tree):
+    """The parameter class cannot import the backend at load time, so its default method is a literal: it must be
+    registry.DEFAULT_METHOD, the method whose shipped model `deepregistration demo` uses."""
+    from DeepRegistrationLib.registry import DEFAULT_METHOD
+
+    classes = [node for node in tree.body if isinstance(node, ast.ClassDef)
+               and any(isinstance(d, ast.Name) and d.id == "parameterNodeWrapper" for d in node.decorator_list)]
+    defaults = {s.target.id: s.value for s in classes[0].body
+                if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name) and s.value is not None}
+    assert ast.literal_eval(defaults["method"]) == DEFAULT_METHOD

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 
 from DeepRegistrationLib.errors import InputError
 from DeepRegistrationLib.models import load_model
-from training.__main__ import main as training_main
+from training.__main__ import main as training_main, reproduce_command
 from training.recipe import Recipe
 from training.trainer import Trainer
 
@@ -61,6 +62,32 @@ def test_progressive_schedule_freezes_coarse_levels_first(tmp_path):
     assert t.stage_at(3) == {"levels": 3, "frozen": []}
 
 
+def test_alternating_schedule_trains_and_validates_after_either_update(tmp_path):
+    """macjnet's alternating recipe: registration and segmentation updates each change only their own
+    sub-networks, and validation (here after every update) scores the registration."""
+    recipe = Recipe.from_dict({
+        "method": "macjnet", "schedule": "alternating", "iterations": 2, "validate_every": 1, "checkpoint_every": 2,
+        "config": {"working_shape": [32, 32, 32], "working_spacing": 2.0, "start_channels": 2,
+                   "num_res_blocks": 1, "seg_features": [4, 4, 4, 4, 4], "seg_classes": 5,
+                   "lr_registration": 1e-3, "lr_segmentation": 1e-3},
+        "data": {"kind": "phantom", "magnitude_mm": 3.0, "validation_pairs": 1}})
+    trainer = Trainer(recipe, tmp_path, "cpu")
+    start = weights(trainer)
+    trainer.train(max_iterations=1, progress=False)
+    after_registration = weights(trainer)
+    trainer.train(progress=False)
+    after_segmentation = weights(trainer)
+
+    def changed(a, b, prefix):
+        return any(not torch.equal(a[k], b[k]) for k in a if k.startswith(prefix))
+
+    assert changed(start, after_registration, "levels") and not changed(start, after_registration, "seg_")
+    assert changed(after_registration, after_segmentation, "seg_")
+    assert not changed(after_registration, after_segmentation, "levels")
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert sum(",validation,dice," in r for r in rows) == 2
+
+
 def test_export_is_a_loadable_model(tmp_path):
     out = tmp_path / "run"
     model = tmp_path / "lapirn.safetensors"
@@ -71,6 +98,27 @@ def test_export_is_a_loadable_model(tmp_path):
     net, meta = load_model("lapirn", model)
     assert meta["record"]["iteration"] == 1 and meta["record"]["recipe"]["iterations"] == 1
     assert training_main(["train", str(recipe), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
+
+
+def test_recorded_command_reproduces_the_model(tmp_path):
+    """A model trained from a shipped recipe with --set changes and an early stop records one command that
+    retrains exactly the same weights."""
+    sets = [f"{k}={json.dumps(v)}" for k, v in [
+        ("config.working_shape", [16, 16, 16]), ("config.working_spacing", 2.0), ("config.start_channels", 2),
+        ("config.num_res_blocks", 1), ("data.kind", "phantom"), ("data.magnitude_mm", 3.0),
+        ("data.validation_pairs", 1), ("iterations", 4), ("stages", TINY["stages"]), ("freeze_iterations", 1),
+        ("validate_every", 2), ("checkpoint_every", 2), ("lr", 1e-3), ("seed", 3)]]
+    first = tmp_path / "first.safetensors"
+    argv = ["train", "lapirn", "--device", "cpu", "--out", str(tmp_path / "a"), "--iterations", "2", "--quiet",
+            "--export", str(first)] + [w for s in sets for w in ("--set", s)]
+    assert training_main(argv) == 0
+    command = shlex.split(reproduce_command(load_model("lapirn", first)[1]["record"]))
+    assert command[:4] == ["python", "-m", "training", "train"] and "--iterations" in command
+    again = tmp_path / "again.safetensors"
+    command[command.index("--export") + 1] = str(again)
+    assert training_main(command[3:] + ["--out", str(tmp_path / "b"), "--quiet"]) == 0
+    a, b = load_file(str(first)), load_file(str(again))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_refuses_another_method_or_config(tmp_path):

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return _train(args)
         if args.command == "models":
-            print(models_table())
+            print(models_table() + "\n\n" + models_commands())
             return 0
         return _export(args)
     except InputError as exc:
@@ -91,7 +91,7 @@ def models_table() -> str:
             "| val. % det J ≤ 0 | size | sha256 |", "|" + " --- |" * 10]
     for spec in METHODS.values():
         if not spec.weights_path.is_file():
-            rows.append(f"| `{spec.name}` | not trained yet | | | | | | | | |")
+            rows.append(f"| `{spec.name}` | not shipped (see above) | | | | | | | | |")
             continue
         meta = read_metadata(spec.weights_path)
         rec, cfg = meta["record"], meta["config"]
@@ -106,6 +106,42 @@ def models_table() -> str:
             f"{hw['gpu'] or hw['cpu']} ({hw['device']}) | {dice} | {val.get('folding_percent', float('nan')):.3f} | "
             f"{spec.weights_path.stat().st_size / 2**20:.1f} MB | `{meta['sha256'][:12]}` |")
     return "\n".join(rows)
+
+
+def _leaf_changes(base: dict, recorded: dict, prefix: str = "") -> list[str]:
+    """`key=value` for every recipe leaf whose recorded value differs from the base recipe's (dicts recurse)."""
+    changes = []
+    for key, value in recorded.items():
+        old = base.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            changes += _leaf_changes(old, value, f"{prefix}{key}.")
+        elif value != old:
+            changes.append(f"{prefix}{key}={json.dumps(value, separators=(',', ':'), ensure_ascii=False)}")
+    return changes
+
+
+def reproduce_command(record: dict) -> str:
+    """The one command that retrains a shipped model from its training record: the method's recipe, `--set` for
+    every field the run changed, `--iterations` when the run stopped before the recipe's end."""
+    recipe = record["recipe"]
+    sets = _leaf_changes(load_recipe(recipe["method"]).to_dict(), recipe)
+    words = ["python -m training train", recipe["method"], f"--device {record['hardware']['device'].split(':')[0]}"]
+    words += [f"--set '{change}'" for change in sets]
+    if record["iteration"] < recipe["iterations"]:
+        words.append(f"--iterations {record['iteration']}")
+    words.append(f"--export Resources/Models/{recipe['method']}.safetensors")
+    return " ".join(words)
+
+
+def models_commands() -> str:
+    """A shell block with the command that reproduces each shipped model (after `python -m training.data fetch`)."""
+    from DeepRegistrationLib.models import read_metadata
+    from DeepRegistrationLib.registry import METHODS
+
+    lines = ["```bash", "python -m training.data fetch"]
+    lines += [reproduce_command(read_metadata(spec.weights_path)["record"])
+              for spec in METHODS.values() if spec.weights_path.is_file()]
+    return "\n".join([*lines, "```"])
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -347,6 +347,8 @@ class Trainer:
         net = self.network
         was = net.active_levels if hasattr(net, "active_levels") else None
         net.eval()
+        if hasattr(net, "set_stage"):  # macjnet: validation scores the registration, whichever update came last
+            net.set_stage("registration")
         totals: dict[str, list[float]] = {"loss": [], "dice": [], "dice_identity": [], "folding_percent": []}
         for i in range(len(self.val_set)):
             item = self.val_set[i]

@@ -25,6 +25,7 @@ from .field_io import DisplacementField, read_itk_displacement, write_itk_displa
 from .geometry import RAS_FROM_LPS
 from .image import Image, read_image, read_labels, write_image
 from .landmarks import match_landmarks, read_landmarks
+from .models import read_metadata
 from .registry import DEFAULT_METHOD, METHODS, get_method
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "Resources" / "SampleData"
@@ -139,18 +140,35 @@ class _Progress:
             self.bar = None
 
 
+def _model_summary(spec) -> dict[str, Any] | None:
+    """What the shipped model's JSON says of its training: working grid, iterations, validation Dice."""
+    if not spec.weights_path.is_file():
+        return None
+    meta = read_metadata(spec.weights_path)
+    record, config = meta.get("record", {}), meta["config"]
+    validation = record.get("validation", {})
+    return {"working_spacing_mm": config["working_spacing"], "iterations": record.get("iteration"),
+            "hardware": record.get("hardware", {}).get("device"),
+            "validation_dice": validation.get("dice"), "validation_dice_identity": validation.get("dice_identity")}
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     rows = []
     for spec in METHODS.values():
         rows.append({"name": spec.name, "paper": spec.paper, "modality": spec.modality,
-                     "shipped_model": spec.weights_path.is_file(), "default": spec.name == DEFAULT_METHOD})
+                     "shipped_model": _model_summary(spec), "default": spec.name == DEFAULT_METHOD})
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         for r in rows:
-            model = "model shipped" if r["shipped_model"] else "no model shipped"
+            m = r["shipped_model"]
+            model = "no model shipped"
+            if m:
+                model = f"{m['working_spacing_mm']:g} mm, {m['iterations']} it."
+                if m["validation_dice"] is not None:
+                    model += f", val. Dice {m['validation_dice_identity']:.3f}→{m['validation_dice']:.3f}"
             star = " (default)" if r["default"] else ""
-            print(f"{r['name']:<11} {r['modality']:<6} {model:<17} {r['paper']}{star}")
+            print(f"{r['name']:<11} {r['modality']:<6} {model:<38} {r['paper']}{star}")
     return 0
 
 

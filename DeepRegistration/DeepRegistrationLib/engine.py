@@ -29,7 +29,6 @@ from .image import Image
 from .memory import available_bytes, estimate_peak_bytes
 from .models import load_model
 from .networks.base import RegistrationNetwork, RegistrationOutput
-from .registry import get_method
 from .resample import normalize_intensity, resample_array
 from .warp import integrate_velocity, resize_field, sample
 
@@ -195,13 +194,17 @@ def numerical_inverse(forward: DisplacementField, iterations: int = 30) -> Displ
     return DisplacementField(e.astype(np.float32), grid)
 
 
-def _inverse(output: RegistrationOutput, net: RegistrationNetwork, grid_w: Grid, pre: np.ndarray, fixed: Grid,
-             forward: DisplacementField) -> DisplacementField:
-    """Exact inverse for diffeomorphic outputs without an affine part (integrate −v), numerical otherwise."""
+def _inverse(output: RegistrationOutput, net: RegistrationNetwork, field_w: DisplacementField, pre: np.ndarray,
+             fixed: Grid) -> DisplacementField:
+    """Inverse of the complete transform on the fixed grid: the working field's inverse, exact for diffeomorphic
+    outputs without an affine part (integrate −v), otherwise by fixed-point iteration on the (coarse) working grid,
+    followed by the inverse pre-alignment."""
+    grid_w = field_w.grid
     if output.velocity is None or output.affine is not None:
-        return numerical_inverse(forward)
-    u_inv = resize_field(integrate_velocity(-output.velocity, net.config.int_steps), grid_w.shape)
-    inv_w = DisplacementField.from_voxels(u_inv.float().cpu(), grid_w).resampled(fixed)
+        inv_w = numerical_inverse(field_w).resampled(fixed)
+    else:
+        u_inv = resize_field(integrate_velocity(-output.velocity, net.config.int_steps), grid_w.shape)
+        inv_w = DisplacementField.from_voxels(u_inv.float().cpu(), grid_w).resampled(fixed)
     # Moving point q ↦ p' = pre⁻¹(q) in working space ↦ p' + d_inv(p').
     pre_inv = np.linalg.inv(pre)
     q = fixed.world_coordinates()
@@ -217,7 +220,7 @@ def label_metrics(fixed_labels: np.ndarray, moving_labels: np.ndarray, spacing: 
     per = {}
     for lab in labels:
         a, b = fixed_labels == lab, moving_labels == lab
-        per[str(lab)] = {"dice": dice.get(lab, float("nan")), "hd95": M.hd95(a, b, spacing), "assd": M.assd(a, b, spacing)}
+        per[str(lab)] = {"dice": dice.get(lab, float("nan")), **M.surface_metrics(a, b, spacing)}
     finite = lambda key: [v[key] for v in per.values() if np.isfinite(v[key])]  # noqa: E731
     return {"per_label": per, "mean_dice": float(np.mean(finite("dice"))) if finite("dice") else float("nan"),
             "mean_hd95": float(np.mean(finite("hd95"))) if finite("hd95") else float("nan"),
@@ -345,7 +348,7 @@ def register(fixed: Image, moving: Image, method: str, *, parameters: dict[str, 
     affine_ras = None
     if output.affine is not None:
         affine_ras = pre @ _affine_to_ras(output.affine[0].detach().double().cpu().numpy(), grid_w)
-    inverse = _inverse(output, net, grid_w, pre, fixed.grid, forward)
+    inverse = _inverse(output, net, field_w, pre, fixed.grid)
     stages("metrics", 0.85)
     metrics, warped, warped_labels = evaluate(fixed, moving, forward, fixed_labels=fixed_labels,
                                               moving_labels=moving_labels, fixed_points=fixed_points,

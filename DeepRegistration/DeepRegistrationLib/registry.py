@@ -44,7 +44,7 @@ class MethodSpec:
 
 METHODS: dict[str, MethodSpec] = {}
 
-DEFAULT_METHOD = "voxelmorph"
+DEFAULT_METHOD = "lapirn"
 """The method `deepregistration demo` and the Slicer module start with."""
 
 
