@@ -255,5 +255,5 @@ def test_demo_registers_the_sample_pair_with_the_shipped_default(tmp_path, capsy
     assert metrics["method"] == registry.DEFAULT_METHOD
     written = json.loads((out / "metrics.json").read_text())
     labels = written["labels"]
-    assert labels["after"]["mean_dice"] > labels["before"]["mean_dice"] + 0.03  # measured 0.653 -> 0.72
+    assert labels["after"]["mean_dice"] > labels["before"]["mean_dice"] + 0.03  # measured 0.653 -> 0.738
     assert written["jacobian"]["percent_nonpositive"] < 0.1
