@@ -38,11 +38,15 @@ def case(tmp_path_factory):
     pts = grid.voxel_to_world(np.array([[15, 17, 14], [10, 12, 9], [20, 20, 18]], float))
     files["fixed_landmarks"] = write_fcsv(root / "f.fcsv", Landmarks(["a", "b", "c"], pts))
     files["moving_landmarks"] = write_fcsv(root / "m.fcsv", Landmarks(["c", "a", "b"], pts[[2, 0, 1]] + 1.0))
-    spec = registry.get_method("lapirn")
-    torch.manual_seed(1)
-    net = spec.build(spec.config_class(working_spacing=2.5))
-    files["weights"] = models.save_model(net, "lapirn", root / "lapirn.safetensors")
+    files["weights"] = models.save_model(fresh_net("lapirn", seed=1), "lapirn", root / "lapirn.safetensors")
     return files
+
+
+def fresh_net(method: str, seed: int) -> torch.nn.Module:
+    """`method` with freshly initialised weights (seeded) and a 2.5 mm working grid: non-identity, fast."""
+    spec = registry.get_method(method)
+    torch.manual_seed(seed)
+    return spec.build(spec.config_class(working_spacing=2.5))
 
 
 def run(args):
@@ -89,9 +93,7 @@ def test_inverse_field_undoes_the_forward_field(case, tmp_path, method):
     out = tmp_path / "out"
     weights = case["weights"]
     if method == "jad":
-        spec = registry.get_method("jad")
-        torch.manual_seed(3)
-        net = spec.build(spec.config_class(working_spacing=2.5))
+        net = fresh_net("jad", seed=3)
         torch.nn.init.normal_(net.flow.weight, std=0.2)  # a deformable part of about a millimetre
         weights = models.save_model(net, "jad", tmp_path / "jad.safetensors")
     assert run(["register", "--quiet", "--method", method, "--weights", weights, "--fixed", case["fixed"],
@@ -200,9 +202,7 @@ def _flat(tmp):
 def test_every_method_registers_through_the_command_line(case, tmp_path, method):
     """Each registry method (freshly initialised weights) gives every output, and SimpleITK agrees with it."""
     spec = registry.get_method(method)
-    torch.manual_seed(2)
-    weights = models.save_model(spec.build(spec.config_class(working_spacing=2.5)), method,
-                                tmp_path / f"{method}.safetensors")
+    weights = models.save_model(fresh_net(method, seed=2), method, tmp_path / f"{method}.safetensors")
     out = tmp_path / "out"
     assert run(["register", "--quiet", "--method", method, "--weights", weights, "--fixed", case["fixed"],
                 "--moving", case["moving"], "--output-dir", out, "--fixed-labels", case["fixed_labels"],
@@ -224,8 +224,7 @@ def test_every_method_registers_through_the_command_line(case, tmp_path, method)
 
 def test_affine_tfm_is_the_complete_transform_when_the_deformable_part_is_zero(case, tmp_path):
     """jad with a zero flow layer and a known affine head: affine.tfm (ITK, LPS) and displacement.nii.gz agree."""
-    spec = registry.get_method("jad")
-    net = spec.build(spec.config_class(working_spacing=2.5))
+    net = fresh_net("jad", seed=0)
     with torch.no_grad():
         net.flow.weight.zero_()
         net.flow.bias.zero_()

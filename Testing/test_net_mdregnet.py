@@ -62,6 +62,14 @@ def test_shapes_and_finiteness_on_padded_odd_grid():
     assert padding.crop_to_shape(out.displacement, shape).shape == (1, 3, *shape)
 
 
+def net_with_random_outputs(std: float) -> mdregnet.Network:
+    """A network whose output layers are drawn from N(0, std²), so that every level produces a field."""
+    net = mdregnet.Network(mdregnet.Config())
+    for layer in net.output_layers:
+        torch.nn.init.normal_(layer.weight, std=std)
+    return net
+
+
 def test_zero_output_layers_give_identity():
     net = mdregnet.Network(mdregnet.Config())
     for layer in net.output_layers:
@@ -75,9 +83,7 @@ def test_zero_output_layers_give_identity():
 
 def test_velocities_accumulate_by_summation():
     """Eq. 3 with the smoothing layer and scaling and squaring (7 steps) at the full grid."""
-    net = mdregnet.Network(mdregnet.Config())
-    for layer in net.output_layers:
-        torch.nn.init.normal_(layer.weight, std=1e-2)
+    net = net_with_random_outputs(std=1e-2)
     fixed, moving = pair((16, 32, 16))
     out = net(fixed, moving)
     first, second, third = out.levels
@@ -91,9 +97,7 @@ def test_velocities_accumulate_by_summation():
 
 
 def test_finer_levels_see_the_moving_image_warped_by_the_coarser_deformation():
-    net = mdregnet.Network(mdregnet.Config())
-    for layer in net.output_layers:
-        torch.nn.init.normal_(layer.weight, std=1e-2)
+    net = net_with_random_outputs(std=1e-2)
     seen = []
     for subnetwork in net.subnetworks:
         subnetwork.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
@@ -106,9 +110,7 @@ def test_finer_levels_see_the_moving_image_warped_by_the_coarser_deformation():
 
 
 def test_loss_terms_follow_eq4():
-    net = mdregnet.Network(mdregnet.Config())
-    for layer in net.output_layers:
-        torch.nn.init.normal_(layer.weight, std=1e-2)
+    net = net_with_random_outputs(std=1e-2)
     fixed, moving = pair((16, 32, 16))
     out = net(fixed, moving)
     terms = net.loss(out, {"fixed": fixed, "moving": moving})
@@ -136,9 +138,7 @@ def test_gradients_reach_every_parameter():
 
 
 def test_random_small_outputs_are_diffeomorphic():
-    net = mdregnet.Network(mdregnet.Config())
-    for layer in net.output_layers:
-        torch.nn.init.normal_(layer.weight, std=0.3)
+    net = net_with_random_outputs(std=0.3)
     fixed, moving = pair((32, 32, 32))
     with torch.no_grad():
         out = net(fixed, moving)

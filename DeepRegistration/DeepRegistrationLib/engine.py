@@ -199,12 +199,12 @@ def _inverse(output: RegistrationOutput, net: RegistrationNetwork, field_w: Disp
     """Inverse of the complete transform on the fixed grid: the working field's inverse, exact for diffeomorphic
     outputs without an affine part (integrate −v), otherwise by fixed-point iteration on the (coarse) working grid,
     followed by the inverse pre-alignment."""
-    grid_w = field_w.grid
     if output.velocity is None or output.affine is not None:
-        inv_w = numerical_inverse(field_w).resampled(fixed)
+        inv_w = numerical_inverse(field_w)
     else:
-        u_inv = resize_field(integrate_velocity(-output.velocity, net.config.int_steps), grid_w.shape)
-        inv_w = DisplacementField.from_voxels(u_inv.float().cpu(), grid_w).resampled(fixed)
+        u_inv = resize_field(integrate_velocity(-output.velocity, net.config.int_steps), field_w.grid.shape)
+        inv_w = DisplacementField.from_voxels(u_inv.float().cpu(), field_w.grid)
+    inv_w = inv_w.resampled(fixed)
     # Moving point q ↦ p' = pre⁻¹(q) in working space ↦ p' + d_inv(p').
     pre_inv = np.linalg.inv(pre)
     q = fixed.world_coordinates()
