@@ -64,13 +64,13 @@ def test_register_writes_everything_and_simpleitk_reproduces_the_warp(case, tmp_
                              case["moving_labels"], "--fixed-landmarks", case["fixed_landmarks"],
                              "--moving-landmarks", case["moving_landmarks"])) == 0
     names = {p.name for p in out.iterdir()}
-    assert {"warped.nii.gz", "displacement.nii.gz", "inverse_displacement.nii.gz", "jacobian.nii.gz",
+    assert {"warped.nii.gz", "displacement.nii", "inverse_displacement.nii", "jacobian.nii",
             "folding.nii.gz", "warped_labels.nii.gz", "metrics.json"} <= names
     assert not list(tmp_path.glob(".out.*")), "temporary directory left behind"
 
     fixed = sitk.ReadImage(str(case["fixed"]), sitk.sitkFloat64)
     moving = sitk.ReadImage(str(case["moving"]), sitk.sitkFloat64)
-    field = sitk.ReadImage(str(out / "displacement.nii.gz"), sitk.sitkVectorFloat64)
+    field = sitk.ReadImage(str(out / "displacement.nii"), sitk.sitkVectorFloat64)
     assert np.abs(sitk.GetArrayFromImage(field)).max() > 0.1, "the test model should not be the identity"
     theirs = sitk.GetArrayFromImage(
         sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(field), sitk.sitkLinear, 0.0))
@@ -82,7 +82,7 @@ def test_register_writes_everything_and_simpleitk_reproduces_the_warp(case, tmp_
     assert set(metrics["labels"]["before"]["per_label"]) == {"1", "2", "3", "4"}
     # Landmarks were matched by label: before = |p_fixed − p_moving| = |(1, 1, 1)| mm for every point.
     assert np.allclose(metrics["landmarks"]["before"], np.sqrt(3), atol=1e-3)
-    jac = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "jacobian.nii.gz")))
+    jac = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "jacobian.nii")))
     fold = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "folding.nii.gz")))
     assert np.array_equal(fold.astype(bool), jac <= 0)
 
@@ -98,11 +98,11 @@ def test_inverse_field_undoes_the_forward_field(case, tmp_path, method):
         weights = models.save_model(net, "jad", tmp_path / "jad.safetensors")
     assert run(["register", "--quiet", "--method", method, "--weights", weights, "--fixed", case["fixed"],
                 "--moving", case["moving"], "--output-dir", out]) == 0
-    field = sitk.ReadImage(str(out / "displacement.nii.gz"), sitk.sitkVectorFloat64)
+    field = sitk.ReadImage(str(out / "displacement.nii"), sitk.sitkVectorFloat64)
     assert np.abs(sitk.GetArrayFromImage(field)).max() > 0.5, "a trivial field would not test the inverse"
     fwd = sitk.DisplacementFieldTransform(field)
     inv = sitk.DisplacementFieldTransform(
-        sitk.ReadImage(str(out / "inverse_displacement.nii.gz"), sitk.sitkVectorFloat64))
+        sitk.ReadImage(str(out / "inverse_displacement.nii"), sitk.sitkVectorFloat64))
     ref = sitk.ReadImage(str(case["fixed"]))
     centre = ref.TransformContinuousIndexToPhysicalPoint([s / 2 for s in ref.GetSize()])
     for offset in ([0, 0, 0], [5, -4, 3], [-6, 3, -2]):
@@ -169,7 +169,7 @@ def test_evaluate_an_external_field(case, tmp_path, capsys):
                              case["moving_labels"])) == 0
     produced = json.loads((out / "metrics.json").read_text())
     assert run(["evaluate", "--json", "--fixed", case["fixed"], "--moving", case["moving"], "--displacement",
-                out / "displacement.nii.gz", "--fixed-labels", case["fixed_labels"], "--moving-labels",
+                out / "displacement.nii", "--fixed-labels", case["fixed_labels"], "--moving-labels",
                 case["moving_labels"]]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["labels"]["after"]["mean_dice"] == pytest.approx(produced["labels"]["after"]["mean_dice"],
@@ -207,14 +207,14 @@ def test_every_method_registers_through_the_command_line(case, tmp_path, method)
     assert run(["register", "--quiet", "--method", method, "--weights", weights, "--fixed", case["fixed"],
                 "--moving", case["moving"], "--output-dir", out, "--fixed-labels", case["fixed_labels"],
                 "--moving-labels", case["moving_labels"]]) == 0
-    expected = {"warped.nii.gz", "displacement.nii.gz", "inverse_displacement.nii.gz", "jacobian.nii.gz",
+    expected = {"warped.nii.gz", "displacement.nii", "inverse_displacement.nii", "jacobian.nii",
                 "folding.nii.gz", "warped_labels.nii.gz", "metrics.json"}
     if spec.has_affine:
         expected.add("affine.tfm")
     assert expected <= {p.name for p in out.iterdir()}
     fixed = sitk.ReadImage(str(case["fixed"]), sitk.sitkFloat64)
     moving = sitk.ReadImage(str(case["moving"]), sitk.sitkFloat64)
-    field = sitk.ReadImage(str(out / "displacement.nii.gz"), sitk.sitkVectorFloat64)
+    field = sitk.ReadImage(str(out / "displacement.nii"), sitk.sitkVectorFloat64)
     theirs = sitk.GetArrayFromImage(
         sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(field), sitk.sitkLinear, 0.0))
     ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz")))
@@ -223,7 +223,7 @@ def test_every_method_registers_through_the_command_line(case, tmp_path, method)
 
 
 def test_affine_tfm_is_the_complete_transform_when_the_deformable_part_is_zero(case, tmp_path):
-    """jad with a zero flow layer and a known affine head: affine.tfm (ITK, LPS) and displacement.nii.gz agree."""
+    """jad with a zero flow layer and a known affine head: affine.tfm (ITK, LPS) and displacement.nii agree."""
     net = fresh_net("jad", seed=0)
     with torch.no_grad():
         net.flow.weight.zero_()
@@ -235,7 +235,7 @@ def test_affine_tfm_is_the_complete_transform_when_the_deformable_part_is_zero(c
     assert run(["register", "--quiet", "--method", "jad", "--weights", weights, "--fixed", case["fixed"],
                 "--moving", case["moving"], "--output-dir", out]) == 0
     affine = sitk.ReadTransform(str(out / "affine.tfm"))
-    dense = sitk.DisplacementFieldTransform(sitk.ReadImage(str(out / "displacement.nii.gz"), sitk.sitkVectorFloat64))
+    dense = sitk.DisplacementFieldTransform(sitk.ReadImage(str(out / "displacement.nii"), sitk.sitkVectorFloat64))
     ref = sitk.ReadImage(str(case["fixed"]))
     moved = 0.0
     for index in ([8, 9, 7], [15, 17, 14], [20, 22, 18]):

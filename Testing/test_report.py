@@ -77,7 +77,7 @@ def result_pair():
     forward = DisplacementField.from_voxels(0.7 * warp.integrate_velocity(v), grid)
     fixed_points = grid.voxel_to_world(np.array([[6.0, 8, 5], [17, 20, 12], [12, 10, 15]]))
     moving_points = forward.map_points(fixed_points) + np.array([0.5, -1.0, 0.8])
-    metrics, warped, warped_labels = evaluate(fixed, moving, forward, fixed_labels=fixed_labels,
+    metrics, warped, warped_labels, _ = evaluate(fixed, moving, forward, fixed_labels=fixed_labels,
                                               moving_labels=moving_labels, fixed_points=fixed_points,
                                               moving_points=moving_points)
     metrics.update({"method": "lapirn", "model_sha256": "0f" * 32, "device": "cpu",

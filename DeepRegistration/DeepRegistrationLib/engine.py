@@ -29,8 +29,8 @@ from .image import Image
 from .memory import available_bytes, estimate_peak_bytes
 from .models import load_model
 from .networks.base import RegistrationNetwork, RegistrationOutput
-from .resample import normalize_intensity, resample_array
-from .warp import integrate_velocity, resize_field, sample
+from .resample import index_map, normalize_intensity, resample_array, resample_image
+from .warp import identity_grid, integrate_velocity, resize_field, sample
 
 Progress = Callable[[str, float], None]
 
@@ -173,25 +173,26 @@ def _affine_to_ras(theta: np.ndarray, grid: Grid) -> np.ndarray:
 
 
 def _compose_ras(field_w: DisplacementField, pre: np.ndarray, target: Grid) -> DisplacementField:
-    """Field on `target` of p ↦ pre(p + d_W(p)) given the working field d_W."""
+    """Field on `target` of p ↦ pre(p + d_W(p)) given the working field d_W: pre(p) − p + R_pre·d_W(p)."""
     on_target = field_w.resampled(target)
-    p = target.world_coordinates()
-    q = (p + on_target.data) @ pre[:3, :3].T + pre[:3, 3]
-    return DisplacementField((q - p).astype(np.float32), target)
+    if np.allclose(pre, np.eye(4)):
+        return on_target
+    rotated = torch.einsum("ij,bjxyz->bixyz", torch.from_numpy(pre[:3, :3]).float(), on_target.tensor())
+    d = index_map((pre - np.eye(4)) @ target.affine, target) + rotated
+    return DisplacementField(d[0].permute(1, 2, 3, 0).contiguous().numpy(), target)
 
 
 def numerical_inverse(forward: DisplacementField, iterations: int = 30) -> DisplacementField:
     """Inverse by fixed-point iteration e(q) = −d(q + e(q)) on the same grid (converges where |∇d| < 1)."""
     grid = forward.grid
-    inv = np.linalg.inv(grid.affine)
-    p = grid.world_coordinates()
-    d = torch.from_numpy(forward.data).permute(3, 0, 1, 2)[None]
-    e = -forward.data.astype(np.float64)
+    to_voxels = torch.from_numpy(np.linalg.inv(grid.affine[:3, :3])).float()
+    index = identity_grid(grid.shape)
+    d = forward.tensor()
+    e = -d
     for _ in range(iterations):
-        ijk = (p + e) @ inv[:3, :3].T + inv[:3, 3]
-        coords = torch.from_numpy(ijk).float().permute(3, 0, 1, 2)[None]
-        e = -sample(d, coords, padding_mode="border")[0].permute(1, 2, 3, 0).double().numpy()
-    return DisplacementField(e.astype(np.float32), grid)
+        coords = index + torch.einsum("ij,bjxyz->bixyz", to_voxels, e)
+        e = -sample(d, coords, padding_mode="border")
+    return DisplacementField(e[0].permute(1, 2, 3, 0).contiguous().numpy(), grid)
 
 
 def _inverse(output: RegistrationOutput, net: RegistrationNetwork, field_w: DisplacementField, pre: np.ndarray,
@@ -204,13 +205,8 @@ def _inverse(output: RegistrationOutput, net: RegistrationNetwork, field_w: Disp
     else:
         u_inv = resize_field(integrate_velocity(-output.velocity, net.config.int_steps), field_w.grid.shape)
         inv_w = DisplacementField.from_voxels(u_inv.float().cpu(), field_w.grid)
-    inv_w = inv_w.resampled(fixed)
     # Moving point q ↦ p' = pre⁻¹(q) in working space ↦ p' + d_inv(p').
-    pre_inv = np.linalg.inv(pre)
-    q = fixed.world_coordinates()
-    p_w = q @ pre_inv[:3, :3].T + pre_inv[:3, 3]
-    mapped = inv_w.map_points(p_w.reshape(-1, 3)).reshape(q.shape)
-    return DisplacementField((mapped - q).astype(np.float32), fixed)
+    return inv_w.after_affine(np.linalg.inv(pre), fixed)
 
 
 def label_metrics(fixed_labels: np.ndarray, moving_labels: np.ndarray, spacing: np.ndarray,
@@ -229,14 +225,14 @@ def label_metrics(fixed_labels: np.ndarray, moving_labels: np.ndarray, spacing: 
 
 def evaluate(fixed: Image, moving: Image, forward: DisplacementField, *, fixed_labels: Image | None = None,
              moving_labels: Image | None = None, fixed_points: np.ndarray | None = None,
-             moving_points: np.ndarray | None = None) -> tuple[dict[str, Any], Image, Image | None]:
-    """Metrics of any transform (ours or another tool's) before and after; returns (metrics, warped, warped labels).
+             moving_points: np.ndarray | None = None) -> tuple[dict[str, Any], Image, Image | None, np.ndarray]:
+    """Metrics of any transform (ours or another tool's) before and after.
 
-    Before = the moving image resampled on the fixed grid with the identity transform.
+    Before = the moving image resampled on the fixed grid with the identity transform. Returns (metrics, warped
+    image, warped labels or None, det J [I, J, K] on the field's grid).
     """
-    identity = DisplacementField(np.zeros_like(forward.data), forward.grid)
     warped = apply_field(moving, forward)
-    before_img = apply_field(moving, identity)
+    before_img = resample_image(moving, forward.grid)
     det = forward.jacobian_determinant()
     out: dict[str, Any] = {}
     mask = None
@@ -257,7 +253,7 @@ def evaluate(fixed: Image, moving: Image, forward: DisplacementField, *, fixed_l
         raise InputError("give both fixed and moving label maps, or neither")
     if fixed_labels is not None:
         warped_labels = apply_field(moving_labels, forward, order=0)
-        before_labels = apply_field(moving_labels, identity, order=0)
+        before_labels = resample_image(moving_labels, forward.grid, order=0)
         labels = sorted(int(v) for v in np.union1d(np.unique(fixed_labels.data), np.unique(moving_labels.data)) if v)
         spacing = forward.grid.spacing
         out["labels"] = {"before": label_metrics(fixed_labels.data, before_labels.data, spacing, labels),
@@ -270,7 +266,7 @@ def evaluate(fixed: Image, moving: Image, forward: DisplacementField, *, fixed_l
         after = M.tre(fixed_points, moving_points, forward.map_points)
         out["landmarks"] = {"before": before.tolist(), "after": after.tolist(),
                             "mean_before": float(before.mean()), "mean_after": float(after.mean())}
-    return out, warped, warped_labels
+    return out, warped, warped_labels, det
 
 
 def _check_landmarks(fixed_points: np.ndarray | None, moving_points: np.ndarray | None, fixed: Grid) -> None:
@@ -334,8 +330,7 @@ def register(fixed: Image, moving: Image, method: str, *, parameters: dict[str, 
     dev, grid_w = _fit_memory(net, dev, grid_w, fixed.grid, spacing)
     stages("resampling", 0.1)
     fixed_w = resample_array(fixed_n, fixed.grid, grid_w)
-    moving_pre = Image(moving_n, moving.grid, moving.source)
-    moving_w = apply_field(moving_pre, _affine_field(pre, grid_w)).data
+    moving_w = resample_array(moving_n, moving.grid, grid_w, transform=pre)
     ft = torch.from_numpy(fixed_w)[None, None]
     mt = torch.from_numpy(moving_w)[None, None]
 
@@ -350,10 +345,10 @@ def register(fixed: Image, moving: Image, method: str, *, parameters: dict[str, 
         affine_ras = pre @ _affine_to_ras(output.affine[0].detach().double().cpu().numpy(), grid_w)
     inverse = _inverse(output, net, field_w, pre, fixed.grid)
     stages("metrics", 0.85)
-    metrics, warped, warped_labels = evaluate(fixed, moving, forward, fixed_labels=fixed_labels,
-                                              moving_labels=moving_labels, fixed_points=fixed_points,
-                                              moving_points=moving_points)
-    jacobian = Image(forward.jacobian_determinant().astype(np.float32), fixed.grid, "jacobian")
+    metrics, warped, warped_labels, det = evaluate(fixed, moving, forward, fixed_labels=fixed_labels,
+                                                   moving_labels=moving_labels, fixed_points=fixed_points,
+                                                   moving_points=moving_points)
+    jacobian = Image(det.astype(np.float32), fixed.grid, "jacobian")
     segmentations = {
         name: Image(resample_array(logits.argmax(1)[0].cpu().numpy().astype(np.int16), grid_w, fixed.grid, order=0),
                     fixed.grid, f"{name} segmentation")
@@ -369,11 +364,6 @@ def register(fixed: Image, moving: Image, method: str, *, parameters: dict[str, 
     metrics["time_s"]["total"] = round(sum(metrics["time_s"].values()), 4)
     return RegistrationResult(method, forward, inverse, affine_ras, warped, jacobian, warped_labels, metrics,
                               meta.get("sha256"), str(dev), grid_w, segmentations)
-
-
-def _affine_field(pre: np.ndarray, grid: Grid) -> DisplacementField:
-    p = grid.world_coordinates()
-    return DisplacementField((p @ pre[:3, :3].T + pre[:3, 3] - p).astype(np.float32), grid)
 
 
 def _jad_prealign(fixed: Image, moving: Image, fixed_n: np.ndarray, moving_n: np.ndarray, dev: torch.device,

@@ -17,7 +17,7 @@ import torch
 from .errors import InputError
 from .geometry import RAS_FROM_LPS, Grid
 from .image import Image, atomic_path, suffix_of
-from .resample import sample_with_fill
+from .resample import index_map, sample_with_fill, source_coordinates
 from .warp import jacobian_determinant, sample
 
 FIELD_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".h5", ".hdf5")
@@ -37,34 +37,42 @@ class DisplacementField:
     @classmethod
     def from_voxels(cls, disp: torch.Tensor, grid: Grid) -> "DisplacementField":
         """From a voxel displacement [1, 3, I, J, K] on `grid` (both images on that grid): d = A·u."""
-        u = disp.detach().to("cpu", torch.float64)[0].permute(1, 2, 3, 0).numpy()
-        return cls((u @ grid.affine[:3, :3].T).astype(np.float32), grid)
+        u = disp.detach().to("cpu", torch.float32)[0]
+        d = torch.einsum("ij,jxyz->xyzi", torch.from_numpy(grid.affine[:3, :3]).float(), u)
+        return cls(d.contiguous().numpy(), grid)
 
     def to_voxels(self) -> torch.Tensor:
         """The voxel displacement [1, 3, I, J, K] of this grid: u = A⁻¹·d (valid when moving shares the grid)."""
-        inv = np.linalg.inv(self.grid.affine[:3, :3])
-        u = self.data.astype(np.float64) @ inv.T
-        return torch.from_numpy(u).float().permute(3, 0, 1, 2)[None].contiguous()
+        inv = torch.from_numpy(np.linalg.inv(self.grid.affine[:3, :3])).float()
+        d = torch.from_numpy(np.asarray(self.data, np.float32))
+        return torch.einsum("ij,xyzj->ixyz", inv, d)[None].contiguous()
 
     def resampled(self, target: Grid) -> "DisplacementField":
         """The same transform sampled on another grid (trilinear; outside this grid the edge value is used)."""
         if self.grid.same_as(target, tol=1e-6):
             return self
-        inv = np.linalg.inv(self.grid.affine)
-        # Clamp target voxel centres into this grid so the field extends by its border value.
-        data = torch.from_numpy(self.data).permute(3, 0, 1, 2)[None]
-        ijk = target.world_coordinates() @ inv[:3, :3].T + inv[:3, 3]
-        coords = torch.from_numpy(ijk).float().permute(3, 0, 1, 2)[None]
-        out = sample(data, coords, mode="bilinear", padding_mode="border")
-        return DisplacementField(out[0].permute(1, 2, 3, 0).numpy(), target)
+        return self.after_affine(np.eye(4), target)
+
+    def after_affine(self, transform: np.ndarray, target: Grid) -> "DisplacementField":
+        """The field on `target` of q ↦ T(q) + d(T(q)): first the RAS 4×4 `transform` T, then this field (trilinear;
+        outside this grid the edge value is used)."""
+        data = self.tensor()
+        # Border padding: target points outside this grid take the field's edge value.
+        d = sample(data, source_coordinates(self.grid, target, transform), mode="bilinear", padding_mode="border")
+        if not np.allclose(transform, np.eye(4)):
+            d = d + index_map((transform - np.eye(4)) @ target.affine, target)
+        return DisplacementField(d[0].permute(1, 2, 3, 0).contiguous().numpy(), target)
+
+    def tensor(self) -> torch.Tensor:
+        """The RAS mm components as a float32 tensor [1, 3, I, J, K] (a view where the data allows)."""
+        return torch.from_numpy(np.asarray(self.data, np.float32)).permute(3, 0, 1, 2)[None]
 
     def map_points(self, points_ras: np.ndarray) -> np.ndarray:
         """Map fixed-space RAS points [N, 3] to moving space: p + d(p), d interpolated trilinearly."""
         points_ras = np.asarray(points_ras, dtype=np.float64).reshape(-1, 3)
         ijk = self.grid.world_to_voxel(points_ras)
         coords = torch.from_numpy(ijk.T.copy()).float().view(1, 3, -1, 1, 1)
-        data = torch.from_numpy(self.data).permute(3, 0, 1, 2)[None]
-        d = sample(data, coords, mode="bilinear", padding_mode="border")[0, :, :, 0, 0].T.numpy()
+        d = sample(self.tensor(), coords, mode="bilinear", padding_mode="border")[0, :, :, 0, 0].T.numpy()
         return points_ras + d
 
     def jacobian_determinant(self) -> np.ndarray:
@@ -74,7 +82,8 @@ class DisplacementField:
 
 def field_to_sitk(field: DisplacementField, dtype: type = np.float64) -> sitk.Image:
     """A SimpleITK vector image (LPS components, `dtype` pixels) holding `field`."""
-    lps = (field.data.astype(np.float64) @ RAS_FROM_LPS.T).astype(dtype)
+    lps = field.data.astype(dtype)
+    lps *= np.diag(RAS_FROM_LPS).astype(dtype)  # flips the x and y components
     img = sitk.GetImageFromArray(np.ascontiguousarray(lps.transpose(2, 1, 0, 3)), isVector=True)
     origin, spacing, direction = field.grid.to_lps()
     img.SetOrigin(tuple(float(v) for v in origin))
@@ -88,9 +97,10 @@ def sitk_to_field(img: sitk.Image, source: str) -> DisplacementField:
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 3:
         raise InputError(f"{source}: expected a 3D field with 3 components per voxel, got {img.GetDimension()}D with "
                          f"{img.GetNumberOfComponentsPerPixel()} components")
-    lps = sitk.GetArrayFromImage(img).transpose(2, 1, 0, 3).astype(np.float64)
+    ras = sitk.GetArrayFromImage(img).transpose(2, 1, 0, 3).astype(np.float32)
+    ras *= np.diag(RAS_FROM_LPS).astype(np.float32)
     grid = Grid.from_lps(img.GetSize(), img.GetOrigin(), img.GetSpacing(), img.GetDirection())
-    return DisplacementField((lps @ RAS_FROM_LPS.T).astype(np.float32), grid)
+    return DisplacementField(ras, grid)
 
 
 def write_itk_displacement(field: DisplacementField, path: str | os.PathLike) -> Path:
@@ -135,10 +145,8 @@ def apply_field(moving: Image, field: DisplacementField, *, order: int = 1, fill
     Any moving grid works; `order` 1 trilinear, 0 nearest (labels); outside the moving image, `fill`, with ITK's
     half-voxel border rule (`resample.sample_with_fill`), so SimpleITK reproduces the result.
     """
-    points = field.grid.world_coordinates() + field.data.astype(np.float64)
-    inv = np.linalg.inv(moving.grid.affine)
-    ijk = points @ inv[:3, :3].T + inv[:3, 3]
-    coords = torch.from_numpy(ijk).float().permute(3, 0, 1, 2)[None]
+    to_moving = torch.from_numpy(np.linalg.inv(moving.grid.affine)[:3, :3]).float()
+    coords = source_coordinates(moving.grid, field.grid) + torch.einsum("ij,bjxyz->bixyz", to_moving, field.tensor())
     data = torch.from_numpy(np.ascontiguousarray(moving.data, dtype=np.float32))[None, None]
     out = sample_with_fill(data, coords, order=order, fill=fill)
     result = out[0, 0].numpy()

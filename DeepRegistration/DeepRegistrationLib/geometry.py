@@ -61,13 +61,13 @@ class Grid:
     def voxel_to_world(self, ijk: np.ndarray) -> np.ndarray:
         """Voxel indices [..., 3] to RAS mm [..., 3]."""
         ijk = np.asarray(ijk, dtype=np.float64)
-        return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+        return np.einsum("ij,...j->...i", self.affine[:3, :3], ijk) + self.affine[:3, 3]
 
     def world_to_voxel(self, ras: np.ndarray) -> np.ndarray:
         """RAS mm [..., 3] to (fractional) voxel indices [..., 3]."""
         inv = np.linalg.inv(self.affine)
         ras = np.asarray(ras, dtype=np.float64)
-        return ras @ inv[:3, :3].T + inv[:3, 3]
+        return np.einsum("ij,...j->...i", inv[:3, :3], ras) + inv[:3, 3]
 
     def world_coordinates(self) -> np.ndarray:
         """RAS mm of every voxel centre, shape (I, J, K, 3)."""

@@ -22,6 +22,11 @@ class _LiveTensorBytes(TorchDispatchMode):
         self.peak = 0
         self._seen: set[int] = set()
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """Nothing is compiled inside this mode: skipping torch's Dynamo wrapper avoids importing Dynamo (seconds)."""
+        return False
+
     def _track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         key = storage.data_ptr()

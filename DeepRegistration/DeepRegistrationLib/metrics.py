@@ -316,6 +316,14 @@ def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
 
 
+def _bin_index(x: np.ndarray, bins: int) -> np.ndarray:
+    """Index of each value's bin among `bins` equal-width bins spanning [min, max] (the maximum in the last bin)."""
+    low, high = float(x.min()), float(x.max())
+    if high <= low:
+        return np.zeros(x.shape, np.intp)
+    return np.minimum(((x - low) * (bins / (high - low))).astype(np.intp), bins - 1)
+
+
 def mutual_information(
     a: np.ndarray, b: np.ndarray, bins: int = 32, mask: np.ndarray | None = None, normalised: bool = False
 ) -> float:
@@ -326,8 +334,8 @@ def mutual_information(
     """
     a = _masked(np.asarray(a, dtype=np.float64), mask)
     b = _masked(np.asarray(b, dtype=np.float64), mask)
-    joint, _, _ = np.histogram2d(a, b, bins=bins)
-    p = joint / joint.sum()
+    joint = np.bincount(_bin_index(a, bins) * bins + _bin_index(b, bins), minlength=bins * bins)
+    p = joint.reshape(bins, bins) / joint.sum()
 
     def entropy(q: np.ndarray) -> float:
         q = q[q > 0]

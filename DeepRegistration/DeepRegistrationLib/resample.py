@@ -8,16 +8,32 @@ import torch
 from .errors import InputError
 from .geometry import Grid
 from .image import Image
-from .warp import identity_grid, sample
+from .warp import sample
 
 
-def source_coordinates(source: Grid, target: Grid) -> torch.Tensor:
-    """Voxel coordinates in `source` of every voxel centre of `target`, as [1, 3, I, J, K] float32."""
-    m = np.linalg.inv(source.affine) @ target.affine
-    grid = identity_grid(target.shape, dtype=torch.float64)
-    coords = torch.einsum("ij,bjxyz->bixyz", torch.from_numpy(m[:3, :3]), grid)
-    coords = coords + torch.from_numpy(m[:3, 3]).view(1, 3, 1, 1, 1)
-    return coords.float()
+def index_map(matrix: np.ndarray, target: Grid) -> torch.Tensor:
+    """The first three rows of the 4×4 `matrix` applied to every voxel index (i, j, k, 1) of `target`, as
+    [1, 3, I, J, K] float32.
+
+    Separable: row r is m_r0·i + m_r1·j + m_r2·k + m_r3, each axis term computed in float64 on its own axis, then
+    broadcast-summed in float32 (no [I, J, K, 3] float64 index grid).
+    """
+    m = np.asarray(matrix, np.float64)
+    axes = [torch.arange(n, dtype=torch.float64) for n in target.shape]
+    out = torch.empty(1, 3, *target.shape)
+    for r in range(3):
+        ij = ((m[r, 0] * axes[0] + m[r, 3]).view(-1, 1, 1) + (m[r, 1] * axes[1]).view(1, -1, 1)).float()
+        torch.add(ij, (m[r, 2] * axes[2]).float().view(1, 1, -1), out=out[0, r])
+    return out
+
+
+def source_coordinates(source: Grid, target: Grid, transform: np.ndarray | None = None) -> torch.Tensor:
+    """Voxel coordinates in `source` of T(p) for every voxel centre p of `target`, as [1, 3, I, J, K] float32.
+
+    `transform` T is a RAS 4×4 (target point ↦ source point; default the identity).
+    """
+    transform = np.eye(4) if transform is None else transform
+    return index_map(np.linalg.inv(source.affine) @ transform @ target.affine, target)
 
 
 def sample_with_fill(data: torch.Tensor, coords: torch.Tensor, *, order: int = 1, fill: float = 0.0) -> torch.Tensor:
@@ -32,19 +48,21 @@ def sample_with_fill(data: torch.Tensor, coords: torch.Tensor, *, order: int = 1
     return torch.where(inside, out, torch.full_like(out, fill))
 
 
-def resample_array(data: np.ndarray, source: Grid, target: Grid, *, order: int = 1, fill: float = 0.0) -> np.ndarray:
-    """Resample an array [I, J, K] or [I, J, K, C] from `source` onto `target`.
+def resample_array(data: np.ndarray, source: Grid, target: Grid, *, order: int = 1, fill: float = 0.0,
+                   transform: np.ndarray | None = None) -> np.ndarray:
+    """Resample an array [I, J, K] or [I, J, K, C] from `source` onto `target`: out(p) = data(T(p)).
 
-    `order` 1 is trilinear, 0 nearest neighbour; outside `source`, voxels take `fill`.
+    `transform` T is a RAS 4×4 (target point ↦ source point, default the identity); `order` 1 is trilinear, 0
+    nearest neighbour; outside `source`, voxels take `fill`.
     """
     if data.shape[:3] != source.shape:
         raise ValueError(f"array shape {data.shape} does not match grid {source.shape}")
-    if source.same_as(target, tol=1e-6):
+    if transform is None and source.same_as(target, tol=1e-6):
         return data.copy()
     vector = data.ndim == 4
     t = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
     t = t.permute(3, 0, 1, 2)[None] if vector else t[None, None]
-    out = sample_with_fill(t, source_coordinates(source, target), order=order, fill=fill)
+    out = sample_with_fill(t, source_coordinates(source, target, transform), order=order, fill=fill)
     out = out[0].permute(1, 2, 3, 0) if vector else out[0, 0]
     result = out.numpy()
     if order == 0 and np.issubdtype(data.dtype, np.integer):

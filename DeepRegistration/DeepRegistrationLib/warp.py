@@ -159,24 +159,22 @@ class GaussianSmoothing(torch.nn.Module):
         return gaussian_smooth(x, self.sigma, self.kernel_size)
 
 
-def jacobian_matrix(disp: Tensor) -> Tensor:
-    """∂φ/∂x = I + ∂u/∂x as [B, 3, 3, I, J, K] (row: component, column: derivative axis).
+def jacobian_determinant(disp: Tensor) -> Tensor:
+    """det(∂φ/∂x) = det(I + ∂u/∂x) for a displacement [B, 3, I, J, K] (every axis at least 2 voxels), as
+    [B, 1, I, J, K].
 
     Central differences inside, one-sided at the border. Works in voxel units; the determinant equals the physical
     one (docs/CONVENTIONS.md §6).
     """
-    grads = torch.gradient(disp, dim=(2, 3, 4))
-    jac = torch.stack(grads, dim=2)
-    eye = torch.eye(3, device=disp.device, dtype=disp.dtype).view(1, 3, 3, 1, 1, 1)
-    return jac + eye
+    d0, d1, d2 = torch.gradient(disp, dim=(2, 3, 4))  # d_c[:, r] = ∂u_r/∂x_c
 
+    def j(r: int, c: int) -> Tensor:
+        g = (d0, d1, d2)[c][:, r]
+        return g + 1 if r == c else g
 
-def jacobian_determinant(disp: Tensor) -> Tensor:
-    """det(I + ∂u/∂x) for a displacement [B, 3, I, J, K] (every axis at least 2 voxels), as [B, 1, I, J, K]."""
-    j = jacobian_matrix(disp)
     det = (
-        j[:, 0, 0] * (j[:, 1, 1] * j[:, 2, 2] - j[:, 1, 2] * j[:, 2, 1])
-        - j[:, 0, 1] * (j[:, 1, 0] * j[:, 2, 2] - j[:, 1, 2] * j[:, 2, 0])
-        + j[:, 0, 2] * (j[:, 1, 0] * j[:, 2, 1] - j[:, 1, 1] * j[:, 2, 0])
+        j(0, 0) * (j(1, 1) * j(2, 2) - j(1, 2) * j(2, 1))
+        - j(0, 1) * (j(1, 0) * j(2, 2) - j(1, 2) * j(2, 0))
+        + j(0, 2) * (j(1, 0) * j(2, 1) - j(1, 1) * j(2, 0))
     )
     return det.unsqueeze(1)

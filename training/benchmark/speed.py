@@ -7,7 +7,7 @@ to the last output written into a temporary directory:
   the fixed grid, Jacobian and metrics) → the command line's `write_outputs` (warped image, both ITK fields,
   Jacobian, folding mask, metrics.json);
 - ANTs SyN (the manifest's `ants_syn`): `read_image` ×2 → `classical.ants_register` → warped image via
-  `apply_field` and the ITK field written.
+  `apply_field` and the ITK field written, in the networks' file formats.
 Ratios are SyN time / method time. Peak memory is each child's high-water resident set.
 """
 
@@ -37,6 +37,7 @@ def full_pipeline(method: Method, pair_dir: Path, threads: int, device: str,
     Runs in the worker. Network stages are the engine's (preprocessing, resampling, network, export, metrics) plus
     reading and writing; classical ones are reading, registration (with field extraction) and writing.
     """
+    from DeepRegistrationLib.cli import OUTPUT_FILES, write_outputs
     from DeepRegistrationLib.field_io import apply_field, write_itk_displacement
     from DeepRegistrationLib.image import read_image, write_image
 
@@ -48,7 +49,6 @@ def full_pipeline(method: Method, pair_dir: Path, threads: int, device: str,
         fixed, moving = read_image(pair_dir / "fixed.nii.gz"), read_image(pair_dir / "moving.nii.gz")
         stages = {"read": time.perf_counter() - start}
         if method.kind == "network":
-            from DeepRegistrationLib.cli import write_outputs
             from DeepRegistrationLib.engine import register
 
             result = register(fixed, moving, method.name, weights=weights, device=device,
@@ -63,8 +63,8 @@ def full_pipeline(method: Method, pair_dir: Path, threads: int, device: str,
             field = run_classical(method.settings["tool"], method.settings, fixed, moving, threads, out / "work")
             written = time.perf_counter()
             stages["registration"] = written - start - stages["read"]
-            write_image(apply_field(moving, field), out / "warped.nii.gz")
-            write_itk_displacement(field, out / "displacement.nii.gz")
+            write_image(apply_field(moving, field), out / OUTPUT_FILES["warped"])  # the networks' file formats
+            write_itk_displacement(field, out / OUTPUT_FILES["field"])
         else:
             raise ValueError(f"speed runs networks and classical tools, not {method.kind!r}")
         end = time.perf_counter()
