@@ -86,6 +86,8 @@ def test_alternating_schedule_trains_and_validates_after_either_update(tmp_path)
     assert not changed(after_registration, after_segmentation, "levels")
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert sum(",validation,dice," in r for r in rows) == 2
+    assert any(",train,registration/similarity," in r for r in rows)  # both update kinds are logged
+    assert any(",train,segmentation/total," in r for r in rows)
 
 
 def test_export_is_a_loadable_model(tmp_path):

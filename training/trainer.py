@@ -3,8 +3,9 @@
 Checkpoints are `checkpoint.safetensors` (model, optimiser state and RNG state as tensors) plus `checkpoint.json`
 (the recipe, the method config, the data manifest, the iteration, the seed and the code version), written
 atomically every `checkpoint_every` iterations; `resume` continues from them, losing at most that interval.
-Validation every `validate_every` iterations logs loss, Dice of warped labels and % det J ≤ 0 to `metrics.csv`
-(and TensorBoard when installed).
+Training loss terms are logged to `metrics.csv` (and TensorBoard when installed) as their means over every
+`LOG_EVERY` iterations, per update kind for the alternating schedule ("registration/…", "segmentation/…");
+validation every `validate_every` iterations logs loss, Dice of warped labels and % det J ≤ 0.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from .datasets import FolderPairs, SyntheticPairs
 from .recipe import Recipe
 
 CHECKPOINT = "checkpoint.safetensors"
+
+LOG_EVERY = 10
+"""Training loss terms are logged as means over this many iterations."""
 
 
 def code_version() -> str:
@@ -304,6 +308,7 @@ class Trainer:
 
             bar = tqdm(total=r.iterations, initial=self.iteration, desc=r.method, unit="it", dynamic_ncols=True)
         batches = self._batches()
+        running: dict[str, list[float]] = {}
         self.network.train()
         while self.iteration < end:
             stage = self.stage_at(self.iteration)
@@ -329,8 +334,12 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{terms['total'].item():.4f}")
-            if self.iteration % 10 == 0 or self.iteration == end:
-                self.logger.log(self.iteration, "train", {k: float(v.detach()) for k, v in terms.items()})
+            prefix = f"{stage['stage']}/" if "stage" in stage else ""
+            for k, v in terms.items():
+                running.setdefault(prefix + k, []).append(float(v.detach()))
+            if self.iteration % LOG_EVERY == 0 or self.iteration == end:
+                self.logger.log(self.iteration, "train", {k: float(np.mean(v)) for k, v in running.items()})
+                running.clear()
             if self.iteration % r.validate_every == 0 or self.iteration == end:
                 self.validate()
                 self.network.train()
