@@ -182,6 +182,22 @@ def test_segmentation_loss_follows_eq16():
         net.loss(net(none["fixed"], none["moving"]), none)
 
 
+def test_pretraining_keeps_each_subnetwork_to_its_own_signal():
+    """Pre-training: the registration loss has no label term even with labels in the batch; the segmentation loss
+    is supervised Dice only, and a pair without labels gives a zero loss whose gradients are zero."""
+    net = small_net().train()
+    both, none = _batch(), _batch(labels=())
+    net.set_stage("registration", pretraining=True)
+    terms = net.loss(net(both["fixed"], both["moving"]), both)
+    assert terms["label"] == 0 and torch.isclose(terms["total"], terms["similarity"] + terms["smoothness"])
+    net.set_stage("segmentation", pretraining=True)
+    assert set(net.loss(net(both["fixed"], both["moving"]), both)) == {"dice_fixed", "dice_moving", "total"}
+    terms = net.loss(net(none["fixed"], none["moving"]), none)
+    assert set(terms) == {"total"} and terms["total"] == 0
+    terms["total"].backward()
+    assert all(p.grad is not None and not p.grad.any() for p in net.segmentation_parameters())
+
+
 def test_missing_labels_are_replaced_by_seg_subnet_predictions():
     net = small_net().eval()
     batch = _batch(labels=("moving",))

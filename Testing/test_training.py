@@ -90,6 +90,22 @@ def test_alternating_schedule_trains_and_validates_after_either_update(tmp_path)
     assert any(",train,segmentation/total," in r for r in rows)
 
 
+def test_alternating_schedule_pretrains_first(tmp_path):
+    """`pretrain_iterations`: the first updates run with the network in pre-training mode, the rest jointly."""
+    recipe = Recipe.from_dict({
+        "method": "macjnet", "schedule": "alternating", "iterations": 4, "pretrain_iterations": 2,
+        "config": {"working_shape": [32, 32, 32], "working_spacing": 2.0, "start_channels": 2,
+                   "num_res_blocks": 1, "seg_features": [4, 4, 4, 4, 4], "seg_classes": 5},
+        "data": {"kind": "phantom", "magnitude_mm": 3.0, "validation_pairs": 1}})
+    trainer = Trainer(recipe, tmp_path, "cpu")
+    assert [(s["stage"], s["pretraining"]) for s in map(trainer.stage_at, range(4))] == [
+        ("registration", True), ("segmentation", True), ("registration", False), ("segmentation", False)]
+    trainer.train(max_iterations=1, progress=False)
+    assert trainer.network.pretraining
+    with pytest.raises(InputError, match="alternating"):
+        Recipe.from_dict({**TINY, "pretrain_iterations": 1})
+
+
 def test_export_is_a_loadable_model(tmp_path):
     out = tmp_path / "run"
     model = tmp_path / "lapirn.safetensors"

@@ -66,6 +66,7 @@ class Recipe:
     schedule: str = "plain"
     stages: list[dict[str, int]] = field(default_factory=list)
     freeze_iterations: int = 0
+    pretrain_iterations: int = 0  # alternating schedule: the first N iterations train each sub-network on its own
     validate_every: int = 100
     checkpoint_every: int = 100
     seed: int = 0
@@ -93,6 +94,10 @@ class Recipe:
             raise InputError("a progressive schedule needs stages")
         if self.stages and sum(s["iterations"] for s in self.stages) != self.iterations:
             raise InputError("stages whose iterations add up to `iterations` are needed")
+        if self.pretrain_iterations and self.schedule != "alternating":
+            raise InputError("pretrain_iterations belongs to the alternating schedule")
+        if not 0 <= self.pretrain_iterations <= self.iterations:
+            raise InputError("pretrain_iterations must be between 0 and iterations")
         if self.workers < 0:
             raise InputError("workers must be ≥ 0")
         if min(self.iterations, self.batch_size, self.validate_every, self.checkpoint_every) < 1:

@@ -203,7 +203,8 @@ class Trainer:
     # -- schedule ------------------------------------------------------------------------------------------------
     def stage_at(self, iteration: int) -> dict[str, Any]:
         """Schedule state at 0-based `iteration`: active and frozen pyramid levels (when the recipe has `stages`)
-        and, for the alternating schedule, whether it is a registration or a segmentation update."""
+        and, for the alternating schedule, whether it is a registration or a segmentation update and whether it is
+        still pre-training (`pretrain_iterations`)."""
         r = self.recipe
         state: dict[str, Any] = {}
         if r.stages:
@@ -219,6 +220,7 @@ class Trainer:
             from DeepRegistrationLib.networks.macjnet import alternating_stage
 
             state["stage"] = alternating_stage(iteration, self.network.config.stage_length)
+            state["pretraining"] = iteration < r.pretrain_iterations
         return state
 
     def _set_learning_rate(self, optimiser: torch.optim.Optimizer) -> None:
@@ -237,7 +239,7 @@ class Trainer:
             net.unfreeze_levels(range(1, 4))
             net.freeze_levels(stage["frozen"])
         if "stage" in stage:
-            net.set_stage(stage["stage"])
+            net.set_stage(stage["stage"], pretraining=stage["pretraining"])
 
     def _wrapped(self) -> torch.nn.Module:
         if not self.distributed:

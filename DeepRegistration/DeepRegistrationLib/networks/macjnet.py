@@ -229,12 +229,18 @@ class MacJNet(lapirn.LapIRN):
         self.seg_fixed = SegSubNet(config.seg_features, config.seg_classes)
         self.seg_moving = SegSubNet(config.seg_features, config.seg_classes)
         self.stage = STAGES[0]
+        self.pretraining = False
 
-    def set_stage(self, stage: str) -> None:
-        """Select the loss `loss` returns and the sub-networks that build a graph in `forward`."""
+    def set_stage(self, stage: str, pretraining: bool = False) -> None:
+        """Select the loss `loss` returns and the sub-networks that build a graph in `forward`.
+
+        With `pretraining` each sub-network learns on its own ("Implementation": Reg-SubNet pre-trained
+        unsupervised, Seg-SubNets on labelled images): the registration loss drops the label term and the
+        segmentation loss the consistency term.
+        """
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-        self.stage = stage
+        self.stage, self.pretraining = stage, pretraining
 
     def registration_parameters(self) -> Iterator[nn.Parameter]:
         """Reg-SubNet's parameters (the pyramid's level CNNs)."""
@@ -292,7 +298,7 @@ class MacJNet(lapirn.LapIRN):
         similarity = self.config.sim_weight * self.similarity(last["fixed"], last["warped"], p)
         smoothness = self.smoothness(last["displacement"], p)
         label = similarity.new_zeros(())
-        if self.config.label_weight:  # 0 for the unsupervised pre-training: no labels, no Seg-SubNet passes
+        if self.config.label_weight and not self.pretraining:  # unsupervised pre-training: no Seg-SubNet passes
             grid = tuple(last["fixed"].shape[2:])
             fixed_labels = lapirn.downsample_image(self.label_maps(output, batch, "fixed"), grid)
             moving_labels = lapirn.downsample_image(self.label_maps(output, batch, "moving"), grid)
@@ -315,10 +321,12 @@ class MacJNet(lapirn.LapIRN):
             if key in batch:
                 target = losses.one_hot(batch[key], range(self.config.seg_classes)).to(probs[name].dtype)
                 terms[f"dice_{name}"] = losses.soft_dice_loss(probs[name][:, 1:], target[:, 1:])
-        if len(terms) < 2:
+        if len(terms) < 2 and not self.pretraining:
             warped = warp.warp_image(probs["moving"], output.displacement.detach())
             terms["consistency"] = losses.soft_dice_loss(probs["fixed"][:, 1:], warped[:, 1:])
-        terms["total"] = sum(terms.values())
+        # Pre-training on a pair without labels: a zero loss on the graph (zero gradients), so every process of a
+        # distributed run still takes part in the gradient exchange.
+        terms["total"] = sum(terms.values()) if terms else 0.0 * sum(p.sum() for p in probs.values())
         return terms
 
 
