@@ -310,7 +310,7 @@ class Trainer:
 
             bar = tqdm(total=r.iterations, initial=self.iteration, desc=r.method, unit="it", dynamic_ncols=True)
         batches = self._batches()
-        running: dict[str, list[float]] = {}
+        running: dict[str, list[torch.Tensor]] = {}  # detached terms, read out only when logged (no sync)
         self.network.train()
         while self.iteration < end:
             stage = self.stage_at(self.iteration)
@@ -338,9 +338,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{terms['total'].item():.4f}")
             prefix = f"{stage['stage']}/" if "stage" in stage else ""
             for k, v in terms.items():
-                running.setdefault(prefix + k, []).append(float(v.detach()))
+                running.setdefault(prefix + k, []).append(v.detach())
             if self.iteration % LOG_EVERY == 0 or self.iteration == end:
-                self.logger.log(self.iteration, "train", {k: float(np.mean(v)) for k, v in running.items()})
+                self.logger.log(self.iteration, "train",
+                                {k: torch.stack(v).float().mean().item() for k, v in running.items()})
                 running.clear()
             if self.iteration % r.validate_every == 0 or self.iteration == end:
                 self.validate()

@@ -256,10 +256,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         field = DisplacementField(np.zeros((*fixed.grid.shape, 3), np.float32), fixed.grid)
     metrics, *_ = evaluate(fixed, moving, field, fixed_labels=fixed_labels, moving_labels=moving_labels,
-                             fixed_points=fixed_pts, moving_points=moving_pts)
+                           fixed_points=fixed_pts, moving_points=moving_pts)
     if args.output_dir:
         with staged_output(Path(args.output_dir)) as out:
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
+            (out / OUTPUT_FILES["metrics"]).write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
     _print_result(args, metrics, Path(args.output_dir) if args.output_dir else None)
     return 0
 

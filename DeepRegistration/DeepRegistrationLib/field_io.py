@@ -56,9 +56,9 @@ class DisplacementField:
     def after_affine(self, transform: np.ndarray, target: Grid) -> "DisplacementField":
         """The field on `target` of q ↦ T(q) + d(T(q)): first the RAS 4×4 `transform` T, then this field (trilinear;
         outside this grid the edge value is used)."""
-        data = self.tensor()
         # Border padding: target points outside this grid take the field's edge value.
-        d = sample(data, source_coordinates(self.grid, target, transform), mode="bilinear", padding_mode="border")
+        d = sample(self.tensor(), source_coordinates(self.grid, target, transform), mode="bilinear",
+                   padding_mode="border")
         if not np.allclose(transform, np.eye(4)):
             d = d + index_map((transform - np.eye(4)) @ target.affine, target)
         return DisplacementField(d[0].permute(1, 2, 3, 0).contiguous().numpy(), target)

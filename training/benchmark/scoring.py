@@ -29,10 +29,9 @@ def end_point_error(field: DisplacementField, truth: DisplacementField, mask: np
 
 def score(pair: Pair, field: DisplacementField) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(summary row, per-structure rows) of `field` on `pair`."""
-    metrics, *_ = evaluate(pair.fixed, pair.moving, field, fixed_labels=pair.fixed_labels,
-                             moving_labels=pair.moving_labels, fixed_points=pair.fixed_points,
-                             moving_points=pair.moving_points)
-    det = field.jacobian_determinant()
+    metrics, _, _, det = evaluate(pair.fixed, pair.moving, field, fixed_labels=pair.fixed_labels,
+                                  moving_labels=pair.moving_labels, fixed_points=pair.fixed_points,
+                                  moving_points=pair.moving_points)
     jac = M.jacobian_stats(det, pair.fixed_mask)
     after, before = metrics["labels"]["after"], metrics["labels"]["before"]
     row: dict[str, Any] = {
