@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -161,6 +162,20 @@ def test_model_checks(case, tmp_path, capsys):
     models.metadata_path(other).write_text(json.dumps({**meta, "method": "voxelmorph"}))
     assert run(register_args(case, tmp_path / "o2")[:-2] + ["--weights", other, "--output-dir", tmp_path / "o2"]) == 2
     assert "is for method 'voxelmorph', not 'lapirn'" in capsys.readouterr().err
+
+
+def test_a_model_run_on_other_modalities_than_it_was_trained_on_warns(case, tmp_path):
+    """A model records the (fixed, moving) modalities of its training pairs; another order or modality warns."""
+    record = {"recipe": {"data": {"kind": "multimodal", "fixed_modality": "ct", "moving_modality": "t1"}}}
+    weights = models.save_model(fresh_net("lapirn", seed=1), "lapirn", tmp_path / "ct_mr.safetensors", record)
+    args = register_args(case, tmp_path / "o")[:-2] + ["--weights", weights]
+    with pytest.warns(UserWarning, match=r"trained on fixed CT / moving MR pairs, not fixed MR / moving CT \(swap"):
+        assert run(args + ["--output-dir", tmp_path / "o1", "--fixed-modality", "mr", "--moving-modality", "ct"]) == 0
+    with pytest.warns(UserWarning, match="not fixed MR / moving MR: its validation numbers"):
+        assert run(args + ["--output-dir", tmp_path / "o2"]) == 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*was trained on")
+        assert run(args + ["--output-dir", tmp_path / "o3", "--fixed-modality", "ct"]) == 0
 
 
 def test_evaluate_an_external_field(case, tmp_path, capsys):

@@ -27,7 +27,7 @@ from .field_io import DisplacementField, apply_field
 from .geometry import Grid
 from .image import Image
 from .memory import available_bytes, estimate_peak_bytes
-from .models import load_model
+from .models import load_model, trained_modalities
 from .networks.base import RegistrationNetwork, RegistrationOutput
 from .resample import index_map, normalize_intensity, resample_array, resample_image
 from .warp import identity_grid, integrate_velocity, resize_field, sample
@@ -314,6 +314,12 @@ def register(fixed: Image, moving: Image, method: str, *, parameters: dict[str, 
     torch.manual_seed(seed)
     dev = resolve_device(device)
     net, meta = load_model(method, weights, parameters)
+    trained = trained_modalities(meta)
+    if trained is not None and trained != (fixed_modality, moving_modality):
+        swap = " (swap fixed and moving)" if trained == (moving_modality, fixed_modality) else ""
+        warnings.warn(f"the {method} model was trained on fixed {trained[0].upper()} / moving {trained[1].upper()} "
+                      f"pairs, not fixed {fixed_modality.upper()} / moving {moving_modality.upper()}{swap}: its "
+                      "validation numbers do not describe this warp")
     fixed_n = normalize_intensity(fixed.data, fixed_modality, fixed.source)
     moving_n = normalize_intensity(moving.data, moving_modality, moving.source)
 

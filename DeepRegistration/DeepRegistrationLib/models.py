@@ -88,3 +88,14 @@ def load_model(method: str, path: str | os.PathLike | None = None,
         raise InputError(f"{path}: weights do not fit the {method} architecture ({exc})") from exc
     network.eval()
     return network, meta
+
+
+def trained_modalities(meta: dict[str, Any]) -> tuple[str, str] | None:
+    """(fixed, moving) engine modalities ("mr"/"ct") of the synthetic pairs a model was trained on, from its
+    training record; None when unknown (a user's folder of images, or no record)."""
+    data = meta.get("record", {}).get("recipe", {}).get("data")
+    if not data or data.get("kind") == "folder":
+        return None
+    if data.get("kind") != "multimodal":
+        return "mr", "mr"
+    return tuple("ct" if data[key] == "ct" else "mr" for key in ("fixed_modality", "moving_modality"))
