@@ -176,6 +176,7 @@ def test_a_model_run_on_other_modalities_than_it_was_trained_on_warns(case, tmp_
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*was trained on")
         assert run(args + ["--output-dir", tmp_path / "o3", "--fixed-modality", "ct"]) == 0
+    assert models.trained_modalities({"record": {"recipe": {"data": {"kind": "label_driven"}}}}) is None
 
 
 def test_evaluate_an_external_field(case, tmp_path, capsys):

@@ -92,9 +92,10 @@ def load_model(method: str, path: str | os.PathLike | None = None,
 
 def trained_modalities(meta: dict[str, Any]) -> tuple[str, str] | None:
     """(fixed, moving) engine modalities ("mr"/"ct") of the synthetic pairs a model was trained on, from its
-    training record; None when unknown (a user's folder of images, or no record)."""
+    training record; None when unknown (a user's folder of images, or no record) or when the training contrasts
+    were random per label ("label_driven": no modality to hold the model to)."""
     data = meta.get("record", {}).get("recipe", {}).get("data")
-    if not data or data.get("kind") == "folder":
+    if not data or data.get("kind") in ("folder", "label_driven"):
         return None
     if data.get("kind") != "multimodal":
         return "mr", "mr"
