@@ -1,7 +1,7 @@
 """DeepRegistration: learning-based deformable registration in 3D Slicer.
 
-Module metadata, a thin widget and the self-test. The work is done by `DeepRegistrationLib.slicer_logic` (MRML
-nodes in and out, testable without the GUI) and, outside the GUI thread, by `DeepRegistrationLib.slicer_worker`
+Module metadata, a thin widget and the self-test. The work is done by `DeepRegistrationLib.frontends.mrml` (MRML
+nodes in and out, testable without the GUI) and, outside the GUI thread, by `DeepRegistrationLib.frontends.job`
 running in a PythonSlicer subprocess. DeepRegistrationLib needs PyTorch and a few other packages; they are imported
 only after the user agreed to install them, so this file loads in a fresh Slicer.
 """
@@ -33,8 +33,6 @@ MODULE_DIR = Path(__file__).resolve().parent
 REQUIRED_PACKAGES = {"torch": "torch>=2.1", "safetensors": "safetensors>=0.4", "nibabel": "nibabel>=5.0",
                      "scipy": "scipy>=1.10"}
 """Import name → pip requirement. NumPy and SimpleITK come with Slicer and are never reinstalled."""
-CANCEL_GRACE_MS = 10000
-"""How long a cancelled worker may take to stop at its next stage before it is killed."""
 
 
 class DeepRegistration(ScriptedLoadableModule):
@@ -155,7 +153,7 @@ def installDependencies() -> bool:
 class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Inputs, method and device choice, outputs, Apply/Cancel, progress and result tables.
 
-    Registration runs in a PythonSlicer subprocess (`DeepRegistrationLib.slicer_worker`) reading a job folder; the
+    Registration runs in a PythonSlicer subprocess (`DeepRegistrationLib.frontends.job`) reading a job folder; the
     scene is touched only when it finished successfully, so Cancel leaves the scene as it was.
     """
 
@@ -167,10 +165,8 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._parameterWidgets = {}
         self._process = None
-        self._jobFolder = None
         self._prepared = None
         self._outputs = None
-        self._stdoutBuffer = ""
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -197,7 +193,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         self.removeObservers()
         if self._process is not None:
-            self._process.kill()
+            self._process.abandon()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -209,6 +205,8 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
 
     def onSceneStartClose(self, caller, event) -> None:
+        if self._process is not None:  # its inputs and outputs belong to the scene that closes
+            self._process.abandon()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -258,7 +256,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "PyTorch and a few other Python packages are needed; you will be asked to install them when you "
                 "press Apply.")
             return
-        from DeepRegistrationLib.registry import METHODS
+        from DeepRegistrationLib.methods.registry import METHODS
 
         combo = self.ui.methodComboBox
         wasBlocked = combo.blockSignals(True)
@@ -275,8 +273,8 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not method:
             return
         self._parameterNode.method = method
-        from DeepRegistrationLib.models import read_metadata
-        from DeepRegistrationLib.registry import get_method
+        from DeepRegistrationLib.methods.models import read_metadata
+        from DeepRegistrationLib.methods.registry import get_method
 
         spec = get_method(method)
         weights = Path(self._parameterNode.weights) if self._parameterNode.weights else spec.weights_path
@@ -303,7 +301,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def buildParameterPanel(self) -> None:
         """One editor per field of the method's Config, with range, choices and help from its `param` metadata."""
-        from DeepRegistrationLib.slicer_worker import method_config
+        from DeepRegistrationLib.frontends.job import method_config
 
         layout = self.ui.parametersWidget.layout()
         while layout.rowCount():
@@ -425,12 +423,12 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.memoryLabel.text = _("Select the fixed volume first.")
             return
         with slicer.util.tryWithErrorDisplay(_("Memory estimate failed."), waitCursor=True):
-            from DeepRegistrationLib.engine import resolve_device
-            from DeepRegistrationLib.memory import available_bytes
-            from DeepRegistrationLib.slicer_logic import volume_grid
-            from DeepRegistrationLib.slicer_worker import estimate_memory
+            from DeepRegistrationLib.engine.registration import resolve_device
+            from DeepRegistrationLib.engine.memory import available_bytes
+            from DeepRegistrationLib.frontends.mrml import volume_grid
+            from DeepRegistrationLib.frontends.job import estimate_memory
 
-            need = estimate_memory(p.method, self.methodOverrides(), p.weights or None, volume_grid(p.fixedVolume))
+            need = estimate_memory(self.options(), volume_grid(p.fixedVolume))
             device = resolve_device(p.device)
             free = available_bytes(device) if device.type in ("cpu", "cuda") else None
             text = _("About {need:.1f} GiB on {device}").format(need=need / 2**30, device=device)
@@ -454,7 +452,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.start()
 
     def outputs(self):
-        from DeepRegistrationLib.slicer_logic import Outputs
+        from DeepRegistrationLib.frontends.mrml import Outputs
 
         p = self._parameterNode
 
@@ -466,43 +464,48 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        jacobian=chosen(p.createJacobian, p.outputJacobian),
                        folding=chosen(p.createFolding, p.outputFolding), residuals=p.createResiduals)
 
-    def start(self) -> None:
-        """Read the inputs, write the job, start the worker; nothing in the scene changes until it succeeded."""
-        from DeepRegistrationLib.slicer_worker import write_job
+    def options(self):
+        """The `RegistrationOptions` of the parameter node (one camelCase parameter per option)."""
+        from DeepRegistrationLib.engine.options import RegistrationOptions
 
         p = self._parameterNode
-        self._prepared = self.logic.prepareJob(
-            p.fixedVolume, p.movingVolume, p.method, self.methodOverrides(), weights=p.weights or None,
-            device=p.device, instanceOptimization=p.instanceOptimization, seed=p.seed, prealign=p.prealign,
-            fixedModality=p.fixedModality, movingModality=p.movingModality, fixedSegmentation=p.fixedSegmentation,
+        values = {name: getattr(p, _camel(name)) for name in RegistrationOptions.__dataclass_fields__
+                  if name not in ("parameters", "weights")}
+        return RegistrationOptions(parameters=self.methodOverrides(), weights=p.weights or None, **values)
+
+    def start(self) -> None:
+        """Read the inputs, start the worker on them; nothing in the scene changes until it succeeded."""
+        from DeepRegistrationLib.frontends.job_process import JobProcess
+
+        p = self._parameterNode
+        self._prepared = self.logic.mrmlLogic().prepareJob(
+            p.fixedVolume, p.movingVolume, self.options(), fixedSegmentation=p.fixedSegmentation,
             movingSegmentation=p.movingSegmentation, fixedLandmarks=p.fixedLandmarks,
             movingLandmarks=p.movingLandmarks, mask=p.mask)
         self._outputs = self.outputs()
-        self.logic.checkOutputs(self._prepared, self._outputs)
+        self.logic.mrmlLogic().checkOutputs(self._prepared, self._outputs)
         python = shutil.which("PythonSlicer")
         if not python:
             raise RuntimeError(_("PythonSlicer was not found next to Slicer."))
-        self._jobFolder = Path(tempfile.mkdtemp(prefix="DeepRegistration-", dir=slicer.app.temporaryPath))
-        write_job(self._prepared.job, self._jobFolder)
-        self._stdoutBuffer = ""
         self.ui.logTextEdit.clear()
-        self._process = qt.QProcess()
-        self._process.setWorkingDirectory(str(MODULE_DIR))
-        self._process.connect("readyReadStandardOutput()", self.onProcessOutput)
-        self._process.connect("readyReadStandardError()", self.onProcessError)
-        self._process.connect("finished(int,QProcess::ExitStatus)", self.onProcessFinished)
-        self._process.start(python, ["-m", "DeepRegistrationLib.slicer_worker", str(self._jobFolder)])
+        backend = QProcessBackend()
+        self._process = JobProcess(self._prepared.job, backend, python, MODULE_DIR, progress=self.onProgress,
+                                   log=self.log, finished=self.onFinished,
+                                   temporary_dir=slicer.app.temporaryPath)
+        backend.connectTo(self._process)
+        self._process.start()
         self.setRunning(True)
         self.log(_("Registering {moving} to {fixed} with {method} on {device}…").format(
             moving=p.movingVolume.GetName(), fixed=p.fixedVolume.GetName(), method=p.method, device=p.device))
 
     def cancel(self) -> None:
         """Ask the worker to stop at its next stage; kill it if it has not stopped after a grace period."""
-        (self._jobFolder / "cancel").touch()
+        from DeepRegistrationLib.frontends.job_process import CANCEL_GRACE_S
+
+        self._process.cancel()
         self.ui.statusLabel.text = _("Cancelling…")
         self.ui.applyButton.enabled = False
-        process = self._process
-        qt.QTimer.singleShot(CANCEL_GRACE_MS, lambda: process.kill() if process is self._process else None)
+        qt.QTimer.singleShot(int(CANCEL_GRACE_S * 1000), self._process.kill_if_running)
 
     def setRunning(self, running: bool) -> None:
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
@@ -519,48 +522,24 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.logTextEdit.appendPlainText(text)
         logging.info(text)
 
-    def onProcessOutput(self) -> None:
-        self._stdoutBuffer += bytes(self._process.readAllStandardOutput().data()).decode(errors="replace")
-        *lines, self._stdoutBuffer = self._stdoutBuffer.split("\n")
-        for line in filter(None, (line.strip() for line in lines)):
-            try:
-                message = json.loads(line)
-            except json.JSONDecodeError:
-                self.log(line)
-                continue
-            if "stage" in message:
-                self.ui.progressBar.value = int(100 * message["fraction"])
-                self.ui.statusLabel.text = message["stage"]
-            if "log" in message:
-                self.log(message["log"])
+    def onProgress(self, stage: str, fraction: float) -> None:
+        self.ui.progressBar.value = int(100 * fraction)
+        self.ui.statusLabel.text = stage
 
-    def onProcessError(self) -> None:
-        text = bytes(self._process.readAllStandardError().data()).decode(errors="replace").strip()
-        if text:
-            self.log(text)
-
-    def onProcessFinished(self, exitCode, exitStatus) -> None:
-        from DeepRegistrationLib.slicer_worker import read_error, read_result
-
-        folder, self._process = self._jobFolder, None
+    def onFinished(self, outcome) -> None:
+        """The worker ended: build the outputs, or say why not (the scene is unchanged unless it succeeded)."""
+        self._process = None
         self.setRunning(False)
-        try:
-            if exitCode == 0 and (folder / "result.json").is_file():
-                with slicer.util.tryWithErrorDisplay(_("The outputs could not be created."), waitCursor=True):
-                    result = read_result(folder)
-                    nodes = self.logic.createOutputs(self._prepared, result, self._outputs,
-                                                     self._parameterNode.transformDisplay)
-                    self.showResults(nodes)
-                return
-            error = read_error(folder)
-            if (error and error[0] == "Cancelled") or (folder / "cancel").exists():
-                self.ui.statusLabel.text = _("Cancelled; the scene is unchanged.")
-            else:
-                message = error[1] if error else _("the worker stopped (exit status {code})").format(code=exitCode)
-                self.ui.statusLabel.text = _("Failed; the scene is unchanged.")
-                slicer.util.errorDisplay(_("Registration failed: {message}").format(message=message))
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        if outcome.status == "done":
+            with slicer.util.tryWithErrorDisplay(_("The outputs could not be created."), waitCursor=True):
+                nodes = self.logic.mrmlLogic().createOutputs(self._prepared, outcome.result, self._outputs,
+                                                             self._parameterNode.transformDisplay)
+                self.showResults(nodes)
+        elif outcome.status == "cancelled":
+            self.ui.statusLabel.text = _("Cancelled; the scene is unchanged.")
+        elif outcome.status == "failed":
+            self.ui.statusLabel.text = _("Failed; the scene is unchanged.")
+            slicer.util.errorDisplay(_("Registration failed: {message}").format(message=outcome.message))
 
     def showResults(self, nodes) -> None:
         """Keep the created outputs selected (the next Apply overwrites them), show volumes, tables and a summary."""
@@ -579,7 +558,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.landmarkTableView.visible = nodes.landmarkTable is not None
         if nodes.segmentChart is not None:
             slicer.modules.plots.logic().ShowChartInLayout(nodes.segmentChart)
-        self.ui.summaryLabel.text = summaryText(nodes.metrics)
+        self.ui.summaryLabel.text = summaryText(nodes)
         self.ui.statusLabel.text = _("Done.")
         self.ui.resultsCollapsibleButton.collapsed = False
 
@@ -590,34 +569,63 @@ def _differs(value, default) -> bool:
     return value != default
 
 
-def summaryText(metrics: dict) -> str:
-    """A few lines of the most telling numbers of a registration's metrics."""
-    lines = []
-    jacobian = metrics.get("jacobian", {})
-    if jacobian:
-        lines.append(_("Folding (det J ≤ 0): {p:.3f} % of voxels; SDlogJ {s:.3f}; det J {lo:.2f}…{hi:.2f}").format(
-            p=jacobian["percent_nonpositive"], s=jacobian["sdlogj"], lo=jacobian["min"], hi=jacobian["max"]))
-    if "mask" in metrics:
+def summaryText(nodes) -> str:
+    """A few lines of the most telling numbers of a registration (`RegistrationNodes`)."""
+    metrics = nodes.metrics
+    jacobian = metrics.jacobian
+    lines = [_("Folding (det J ≤ 0): {p:.3f} % of voxels; SDlogJ {s:.3f}; det J {lo:.2f}…{hi:.2f}").format(
+        p=jacobian.percent_nonpositive, s=jacobian.sdlogj, lo=jacobian.min, hi=jacobian.max)]
+    if metrics.mask is not None:
         lines.append(_("Inside the mask: folding {p:.3f} %, SDlogJ {s:.3f}").format(
-            p=metrics["mask"]["percent_nonpositive"], s=metrics["mask"]["sdlogj"]))
-    similarity = metrics.get("similarity")
-    if similarity:
-        lines.append(_("NCC {a:.3f} → {b:.3f}; MI {c:.3f} → {d:.3f}").format(
-            a=similarity["before"]["ncc"], b=similarity["after"]["ncc"], c=similarity["before"]["mi"],
-            d=similarity["after"]["mi"]))
-    labels = metrics.get("labels")
-    if labels:
+            p=metrics.mask.percent_nonpositive, s=metrics.mask.sdlogj))
+    lines.append(_("NCC {a:.3f} → {b:.3f}; MI {c:.3f} → {d:.3f}").format(
+        a=metrics.similarity_before.ncc, b=metrics.similarity_after.ncc, c=metrics.similarity_before.mi,
+        d=metrics.similarity_after.mi))
+    labels = metrics.labels
+    if labels is not None:
         lines.append(_("Mean Dice {a:.3f} → {b:.3f}; mean HD95 {c:.2f} → {d:.2f} mm").format(
-            a=labels["before"]["mean_dice"], b=labels["after"]["mean_dice"], c=labels["before"]["mean_hd95"],
-            d=labels["after"]["mean_hd95"]))
-    landmarks = metrics.get("landmarks")
-    if landmarks:
-        summary = landmarks["summary"]
+            a=labels.before.mean_dice, b=labels.after.mean_dice, c=labels.before.mean_hd95,
+            d=labels.after.mean_hd95))
+    report = nodes.landmarkReport
+    if report:
         lines.append(_("Mean TRE {a:.2f} → {b:.2f} mm over {n} landmarks (matched by {rule})").format(
-            a=summary["mean"][0], b=summary["mean"][1], n=len(landmarks["labels"]), rule=landmarks["matched_by"]))
-    if "time_s" in metrics:
-        lines.append(_("{t:.1f} s on {device}").format(t=metrics["time_s"]["total"], device=metrics.get("device")))
+            a=report["summary"]["mean"][0], b=report["summary"]["mean"][1], n=len(report["labels"]),
+            rule=report["matched_by"]))
+    if metrics.run is not None:
+        lines.append(_("{t:.1f} s on {device}").format(t=metrics.run.time_s["total"], device=metrics.run.device))
     return "<br>".join(lines)
+
+
+def _camel(name: str) -> str:
+    """A `RegistrationOptions` field's parameter-node name: instance_optimization → instanceOptimization."""
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+class QProcessBackend:
+    """`frontends.job_process.ProcessBackend` on Qt's QProcess: its signals drive a `JobProcess`."""
+
+    def __init__(self) -> None:
+        self.process = qt.QProcess()
+
+    def connectTo(self, job) -> None:
+        process = self.process
+        process.connect("readyReadStandardOutput()",
+                        lambda: job.output(bytes(process.readAllStandardOutput().data()).decode(errors="replace")))
+        process.connect("readyReadStandardError()",
+                        lambda: job.errors(bytes(process.readAllStandardError().data()).decode(errors="replace")))
+        process.connect("finished(int,QProcess::ExitStatus)",
+                        lambda code, status: job.exited(code, status == qt.QProcess.CrashExit))
+        process.connect("errorOccurred(QProcess::ProcessError)",
+                        lambda error: job.failed_to_start(process.errorString())
+                        if error == qt.QProcess.FailedToStart else None)
+
+    def start(self, program: str, arguments: list[str], working_directory: str) -> None:
+        self.process.setWorkingDirectory(working_directory)
+        self.process.start(program, arguments)
+
+    def kill(self) -> None:
+        self.process.kill()
 
 
 #
@@ -626,8 +634,8 @@ def summaryText(metrics: dict) -> str:
 
 
 class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
-    """The module's logic: the parameter node, and `DeepRegistrationLib.slicer_logic.DeepRegistrationLogic`'s
-    API (`register`, `prepareJob`, `checkOutputs`, `createOutputs`) once the backend's packages are installed."""
+    """The module's logic: the parameter node, and `mrmlLogic()`, the `DeepRegistrationLib.frontends.mrml.MRMLLogic`
+    that registers volume nodes (`registerVolumes`), available once the backend's packages are installed."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -638,22 +646,10 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def mrmlLogic(self):
         if self._mrmlLogic is None:
-            from DeepRegistrationLib.slicer_logic import DeepRegistrationLogic as MRMLLogic
+            from DeepRegistrationLib.frontends.mrml import MRMLLogic
 
             self._mrmlLogic = MRMLLogic()
         return self._mrmlLogic
-
-    def register(self, *args, **kwargs):
-        return self.mrmlLogic().register(*args, **kwargs)
-
-    def prepareJob(self, *args, **kwargs):
-        return self.mrmlLogic().prepareJob(*args, **kwargs)
-
-    def checkOutputs(self, *args, **kwargs):
-        return self.mrmlLogic().checkOutputs(*args, **kwargs)
-
-    def createOutputs(self, *args, **kwargs):
-        return self.mrmlLogic().createOutputs(*args, **kwargs)
 
 
 #
@@ -677,10 +673,10 @@ class DeepRegistrationTest(ScriptedLoadableModuleTest):
             self.skipTest(f"DeepRegistration packages missing: {', '.join(missingPackages())}")
         import numpy as np
         import torch
-        from DeepRegistrationLib import models, registry
-        from DeepRegistrationLib.geometry import Grid
-        from DeepRegistrationLib.image import Image
-        from DeepRegistrationLib.slicer_logic import image_from_volume_node
+        from DeepRegistrationLib.methods import models, registry
+        from DeepRegistrationLib.core.geometry import Grid
+        from DeepRegistrationLib.core.image import Image
+        from DeepRegistrationLib.frontends.mrml import image_from_volume_node
 
         self.delayDisplay("Building a synthetic pair and a tiny network")
         angle = np.radians(20)
@@ -704,7 +700,10 @@ class DeepRegistrationTest(ScriptedLoadableModuleTest):
         movingBefore = slicer.util.arrayFromVolume(moving).copy()
 
         self.delayDisplay("Registering")
-        nodes = DeepRegistrationLogic().register(fixed, moving, "lapirn", weights=str(weights), device="cpu")
+        from DeepRegistrationLib.engine.options import RegistrationOptions
+
+        options = RegistrationOptions(method="lapirn", weights=str(weights), device="cpu")
+        nodes = DeepRegistrationLogic().mrmlLogic().registerVolumes(fixed, moving, options)
         warped = image_from_volume_node(nodes.warped)
         self.assertTrue(np.allclose(warped.data, nodes.result.warped.data, atol=1e-4))
 
@@ -713,7 +712,7 @@ class DeepRegistrationTest(ScriptedLoadableModuleTest):
         clone.SetAndObserveTransformNodeID(nodes.transform.GetID())
         slicer.vtkSlicerTransformLogic().hardenTransform(clone)
         hardened = image_from_volume_node(clone)
-        from DeepRegistrationLib.field_io import apply_field
+        from DeepRegistrationLib.core.field import apply_field
 
         expected = apply_field(Image(movingArray, grid), nodes.result.field.resampled(hardened.grid)).data
         ijk = grid.world_to_voxel(hardened.grid.world_coordinates())

@@ -14,7 +14,7 @@ for path in (ROOT, ROOT / "DeepRegistration"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from DeepRegistrationLib import warp  # noqa: E402
+from DeepRegistrationLib.core import warp  # noqa: E402
 from training.data.phantom import ellipsoid_labels, phantom_image  # noqa: E402,F401  (re-exported for tests)
 
 
@@ -64,7 +64,7 @@ def random_pair(shape: tuple[int, int, int], seed: int = 0) -> tuple[torch.Tenso
 
 def label_dice(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean Dice over the non-zero labels of two label maps."""
-    from DeepRegistrationLib.metrics import mean_dice
+    from DeepRegistrationLib.core.metrics import mean_dice
 
     return mean_dice(a.numpy(), b.numpy())
 

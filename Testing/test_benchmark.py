@@ -1,4 +1,4 @@
-"""Benchmark harness (training/benchmark): manifest, deterministic pairs, scoring, the child-process runner, and the
+"""Benchmark harness (benchmark): manifest, deterministic pairs, scoring, the child-process runner, and the
 ANTs / Elastix field extraction checked against each tool's own warped image. Phantoms only, no fetched data."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from DeepRegistrationLib import warp
-from DeepRegistrationLib.errors import InputError
-from DeepRegistrationLib.field_io import DisplacementField, apply_field
-from DeepRegistrationLib.geometry import Grid
-from DeepRegistrationLib.image import Image, write_image
-from training.benchmark.methods import IDENTITY, available_methods
-from training.benchmark.scoring import score
-from training.benchmark.suite import (SUITE_PATH, ManifestError, load_manifest, load_pair, materialise,
+from DeepRegistrationLib.core import warp
+from DeepRegistrationLib.core.errors import InputError
+from DeepRegistrationLib.core.field import DisplacementField, apply_field
+from DeepRegistrationLib.core.geometry import Grid
+from DeepRegistrationLib.core.image import Image, write_image
+from benchmark.methods import IDENTITY, available_methods
+from benchmark.scoring import score
+from benchmark.suite import (SUITE_PATH, ManifestError, load_manifest, load_pair, materialise,
                                       suite_grid)
 from training.data.phantom import ellipsoid_labels, phantom_image
 
@@ -138,7 +138,7 @@ def test_scores_of_identity_and_of_the_true_field(tiny):
 
 
 def test_run_suite_in_child_process_writes_every_output(tiny, tmp_path):
-    from training.benchmark.run import run_suite
+    from benchmark.run import run_suite
 
     manifest, anatomy, cache = tiny
     records = run_suite(manifest, ["kw"], [IDENTITY], tmp_path, threads=1, anatomy_dir=anatomy, cache_dir=cache,
@@ -167,7 +167,7 @@ def _oblique_pair() -> tuple[Image, Image]:
 
 def test_ants_field_reproduces_ants_warped_image(tmp_path):
     ants = pytest.importorskip("ants")
-    from training.benchmark.classical import ants_register
+    from benchmark.classical import ants_register
 
     fixed, moving = _oblique_pair()
     field, transforms = ants_register(fixed, moving, {"type_of_transform": "SyN", "reg_iterations": (20, 10, 0)},
@@ -182,7 +182,7 @@ def test_ants_field_reproduces_ants_warped_image(tmp_path):
 
 def test_elastix_field_reproduces_elastix_warped_image(tmp_path):
     itk = pytest.importorskip("itk")
-    from training.benchmark.classical import elastix_register
+    from benchmark.classical import elastix_register
 
     fixed, moving = _oblique_pair()
     maps = copy.deepcopy(load_manifest(SUITE_PATH).classical["elastix"]["parameter_maps"])

@@ -10,10 +10,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from DeepRegistrationLib import cli, models, registry, warp
-from DeepRegistrationLib.geometry import Grid
-from DeepRegistrationLib.image import Image, write_image
-from DeepRegistrationLib.landmarks import Landmarks, write_fcsv
+from DeepRegistrationLib.frontends import cli
+from DeepRegistrationLib.methods import models, registry
+from DeepRegistrationLib.core import warp
+from DeepRegistrationLib.core.geometry import Grid
+from DeepRegistrationLib.core.image import Image, write_image
+from DeepRegistrationLib.core.landmarks import Landmarks, write_fcsv
 
 from conftest import ellipsoid_labels, phantom_image, smooth_field
 

@@ -8,12 +8,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from DeepRegistrationLib import warp
-from DeepRegistrationLib.engine import _compose_ras
-from DeepRegistrationLib.field_io import DisplacementField, apply_field, read_itk_displacement, write_itk_displacement
-from DeepRegistrationLib.geometry import RAS_FROM_LPS, Grid
-from DeepRegistrationLib.image import Image, image_to_sitk, read_image, write_image
-from DeepRegistrationLib.resample import resample_image
+from DeepRegistrationLib.core import warp
+from DeepRegistrationLib.engine.registration import _compose_ras
+from DeepRegistrationLib.core.field import DisplacementField, apply_field, read_itk_displacement, write_itk_displacement
+from DeepRegistrationLib.core.geometry import RAS_FROM_LPS, Grid
+from DeepRegistrationLib.core.image import Image, image_to_sitk, read_image, write_image
+from DeepRegistrationLib.core.resample import resample_image
 
 from conftest import smooth_field
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import ellipsoid_labels, phantom_image
 
-from DeepRegistrationLib import warp
+from DeepRegistrationLib.core import warp
 from training.data import synth
 from training.data.label_protocols import (LabelTableError, remap_to_shared, shared_ids, validate_label_table)
 

@@ -6,10 +6,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from DeepRegistrationLib.errors import InputError
-from DeepRegistrationLib.geometry import Grid
-from DeepRegistrationLib.image import Image, read_image, read_labels, write_image
-from DeepRegistrationLib.resample import normalize_intensity
+from DeepRegistrationLib.core.errors import InputError
+from DeepRegistrationLib.core.geometry import Grid
+from DeepRegistrationLib.core.image import Image, read_image, read_labels, write_image
+from DeepRegistrationLib.core.resample import normalize_intensity
 
 
 def save(path, data, affine=np.eye(4)):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from DeepRegistrationLib import losses, warp
-from DeepRegistrationLib.mind import SSC_PAIRS, mind_loss, mind_ssc
+from DeepRegistrationLib.core import losses, warp
+from DeepRegistrationLib.core.mind import SSC_PAIRS, mind_loss, mind_ssc
 
 
 def test_global_cc_is_zero_for_linear_maps_and_two_for_inversion():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import phantom_image
 
-from DeepRegistrationLib import losses, macmind, mind, warp
+from DeepRegistrationLib.core import losses, macmind, mind, warp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

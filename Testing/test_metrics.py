@@ -1,4 +1,4 @@
-"""Evaluation metrics against analytic answers (DeepRegistrationLib.metrics)."""
+"""Evaluation metrics against analytic answers (DeepRegistrationLib.core.metrics)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from DeepRegistrationLib import metrics, warp
-from DeepRegistrationLib.geometry import Grid
+from DeepRegistrationLib.core import metrics, warp
+from DeepRegistrationLib.core.geometry import Grid
 
 SPACING = np.array([1.0, 1.5, 2.0])
 SHAPE = (40, 36, 30)

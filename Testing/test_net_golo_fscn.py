@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from DeepRegistrationLib import losses, padding, warp
-from DeepRegistrationLib.networks import golo_fscn
-from DeepRegistrationLib.registry import get_method
+from DeepRegistrationLib.core import losses, padding, warp
+from DeepRegistrationLib.methods.networks import golo_fscn
+from DeepRegistrationLib.methods.registry import get_method
 from conftest import optimise_on_pair
 
 pytestmark = pytest.mark.usefixtures("one_thread")

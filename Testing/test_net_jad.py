@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from DeepRegistrationLib import losses, padding, registry, warp
-from DeepRegistrationLib.networks import jad
+from DeepRegistrationLib.core import losses, padding, warp
+from DeepRegistrationLib.methods import registry
+from DeepRegistrationLib.methods.networks import jad
 
 from conftest import ellipsoid_labels, phantom_image
 from conftest import optimise_on_pair, random_pair as pair

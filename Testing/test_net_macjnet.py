@@ -7,8 +7,8 @@ import pytest
 import torch
 from test_macmind import mean_dice, multimodal_pair
 
-from DeepRegistrationLib import padding, warp
-from DeepRegistrationLib.networks import macjnet
+from DeepRegistrationLib.core import padding, warp
+from DeepRegistrationLib.methods.networks import macjnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,8 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from DeepRegistrationLib import losses, padding, registry, warp
-from DeepRegistrationLib.networks import mmln
+from DeepRegistrationLib.core import losses, padding, warp
+from DeepRegistrationLib.methods import registry
+from DeepRegistrationLib.methods.networks import mmln
 from conftest import optimise_on_pair, random_pair as pair
 
 pytestmark = pytest.mark.usefixtures("one_thread")

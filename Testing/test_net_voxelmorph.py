@@ -8,9 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from DeepRegistrationLib import losses, padding, registry, warp
-from DeepRegistrationLib.networks import voxelmorph
-from DeepRegistrationLib.networks.base import RegistrationOutput
+from DeepRegistrationLib.core import losses, padding, warp
+from DeepRegistrationLib.methods import registry
+from DeepRegistrationLib.methods.networks import voxelmorph
+from DeepRegistrationLib.methods.networks.base import RegistrationOutput
 from conftest import optimise_on_pair, random_pair as pair
 
 pytestmark = pytest.mark.usefixtures("one_thread")

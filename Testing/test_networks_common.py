@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from DeepRegistrationLib import models, registry, warp
-from DeepRegistrationLib.padding import crop_to_shape, pad_to_multiple
+from DeepRegistrationLib.methods import models, registry
+from DeepRegistrationLib.core import warp
+from DeepRegistrationLib.core.padding import crop_to_shape, pad_to_multiple
 
 METHODS = sorted(registry.METHODS)
 

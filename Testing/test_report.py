@@ -11,11 +11,14 @@ import pytest
 from matplotlib.image import imread
 
 from conftest import ellipsoid_labels, phantom_image, smooth_field
-from DeepRegistrationLib import report, warp
-from DeepRegistrationLib.engine import RegistrationResult, evaluate
-from DeepRegistrationLib.field_io import DisplacementField
-from DeepRegistrationLib.geometry import Grid
-from DeepRegistrationLib.image import Image
+from DeepRegistrationLib.frontends import report
+from DeepRegistrationLib.core import warp
+from DeepRegistrationLib.engine.evaluation import evaluate
+from DeepRegistrationLib.engine.options import RegistrationOptions
+from DeepRegistrationLib.engine.results import RegistrationResult, RunInfo
+from DeepRegistrationLib.core.field import DisplacementField
+from DeepRegistrationLib.core.geometry import Grid
+from DeepRegistrationLib.core.image import Image
 
 SHAPE = (24, 28, 20)
 SPACING = (1.5, 1.2, 2.0)
@@ -80,11 +83,10 @@ def result_pair():
     metrics, warped, warped_labels, _ = evaluate(fixed, moving, forward, fixed_labels=fixed_labels,
                                               moving_labels=moving_labels, fixed_points=fixed_points,
                                               moving_points=moving_points)
-    metrics.update({"method": "lapirn", "model_sha256": "0f" * 32, "device": "cpu",
-                    "time_s": {"preprocessing": 0.12, "network": 1.5, "metrics": 0.3, "total": 1.92}})
+    metrics.run = RunInfo(RegistrationOptions(method="lapirn"), "0f" * 32, "cpu", grid.shape, 1.0, None,
+                          {"preprocessing": 0.12, "network": 1.5, "metrics": 0.3, "total": 1.92})
     jacobian = Image(forward.jacobian_determinant(), grid, "jacobian")
-    result = RegistrationResult("lapirn", forward, forward, None, warped, jacobian, warped_labels, metrics,
-                                "0f" * 32, "cpu", grid)
+    result = RegistrationResult(forward, forward, None, warped, jacobian, warped_labels, metrics)
     return fixed, moving, result, fixed_labels
 
 
@@ -110,7 +112,8 @@ def test_report_links_valid_pngs_and_shows_metrics(tmp_path, result_pair):
         pixels = imread(out.parent / link)
         assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
 
-    labels = result.metrics["labels"]
+    metrics = result.metrics.to_json()
+    labels = metrics["labels"]
     rows = {cells[0]: cells for cells in _table(text, "dice")}
     for key, before in labels["before"]["per_label"].items():
         after = labels["after"]["per_label"][key]
@@ -120,7 +123,7 @@ def test_report_links_valid_pngs_and_shows_metrics(tmp_path, result_pair):
         assert cells[6] == f"{after['hd95']:.2f}"
     assert f"<b>{labels['after']['mean_dice']:.3f}</b>" in rows[""][3]
 
-    marks = result.metrics["landmarks"]
+    marks = metrics["landmarks"]
     tre = _table(text, "tre")
     assert len(tre) == len(marks["before"]) + 1
     for i, (before, after) in enumerate(zip(marks["before"], marks["after"])):
@@ -128,8 +131,8 @@ def test_report_links_valid_pngs_and_shows_metrics(tmp_path, result_pair):
     assert tre[-1][1:3] == [f"<b>{marks['mean_before']:.2f}</b>", f"<b>{marks['mean_after']:.2f}</b>"]
 
     assert "0f" * 32 in text and "Radiological convention" in text
-    assert f"{result.metrics['jacobian']['percent_nonpositive']:.4f} %" in text
-    assert f"{result.metrics['jacobian']['sdlogj']:.4f}" in text
+    assert f"{metrics['jacobian']['percent_nonpositive']:.4f} %" in text
+    assert f"{metrics['jacobian']['sdlogj']:.4f}" in text
     assert "<td>network</td><td>1.50</td>" in text
 
 

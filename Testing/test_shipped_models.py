@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from DeepRegistrationLib import warp
-from DeepRegistrationLib.models import load_model
-from DeepRegistrationLib.registry import DEFAULT_METHOD, METHODS
+from DeepRegistrationLib.core import warp
+from DeepRegistrationLib.methods.models import load_model
+from DeepRegistrationLib.methods.registry import DEFAULT_METHOD, METHODS
 from training.recipe import Recipe
 
 MAX_BYTES = 20 * 2**20

@@ -22,12 +22,16 @@ import slicer  # slicer-core (the `slicer` extra, installed by scripts/run.sh): 
 import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
-from DeepRegistrationLib import errors, metrics, models, registry, slicer_worker, warp  # noqa: E402
-from DeepRegistrationLib.engine import RegistrationResult  # noqa: E402
-from DeepRegistrationLib.field_io import DisplacementField, apply_field  # noqa: E402
-from DeepRegistrationLib.geometry import Grid  # noqa: E402
-from DeepRegistrationLib.image import Image  # noqa: E402
-from DeepRegistrationLib.slicer_logic import (DeepRegistrationLogic, Outputs, grid_transform_from_field,  # noqa: E402
+from DeepRegistrationLib.core import errors, metrics, warp  # noqa: E402
+from DeepRegistrationLib.methods import models, registry
+from DeepRegistrationLib.frontends import job, worker
+from DeepRegistrationLib.engine.evaluation import evaluate
+from DeepRegistrationLib.engine.options import RegistrationOptions
+from DeepRegistrationLib.engine.results import RegistrationResult, RunInfo  # noqa: E402
+from DeepRegistrationLib.core.field import DisplacementField, apply_field  # noqa: E402
+from DeepRegistrationLib.core.geometry import Grid  # noqa: E402
+from DeepRegistrationLib.core.image import Image  # noqa: E402
+from DeepRegistrationLib.frontends.mrml import (MRMLLogic, Outputs, grid_transform_from_field,  # noqa: E402
                                               image_from_volume_node, update_volume_node)
 
 from conftest import ellipsoid_labels, phantom_image, smooth_field  # noqa: E402
@@ -203,9 +207,13 @@ def build_scene(data):
     return scene, nodes
 
 
+def lapirn(**options) -> RegistrationOptions:
+    return RegistrationOptions(method="lapirn", **options)
+
+
 def run(nodes, weights, **kwargs):
-    return DeepRegistrationLogic().register(
-        nodes["fixed"], nodes["moving"], "lapirn", weights=str(weights), device="cpu",
+    return MRMLLogic().registerVolumes(
+        nodes["fixed"], nodes["moving"], lapirn(weights=str(weights), device="cpu"),
         fixedSegmentation=nodes["fixedSegmentation"], movingSegmentation=nodes["movingSegmentation"],
         fixedLandmarks=nodes["fixedLandmarks"], movingLandmarks=nodes["movingLandmarks"], **kwargs)
 
@@ -313,7 +321,7 @@ def test_hardening_the_transform_on_a_clone_matches_the_backend(registered, data
 def test_landmark_tre_equals_points_mapped_by_the_transform_node(registered, data):
     _, nodes, out, _ = registered
     transform = out.transform.GetTransformFromParent()
-    report = out.metrics["landmarks"]
+    report = out.landmarkReport
     assert report["matched_by"] == "label" and report["labels"] == [f"P{i}" for i in range(6)]
     mapped = np.array([transform.TransformPoint(*p) for p in data["fixed_points"]])
     tre = np.linalg.norm(mapped - data["moving_points"], axis=1)
@@ -384,14 +392,14 @@ def test_label_map_inputs_give_the_same_segment_metrics(registered, data, weight
     moving = add_volume(scene, data["moving"], MOVING_GRID.affine, "moving")
     fixed_labels = add_volume(scene, data["fixed_labels"], FIXED_GRID.affine, "fl", "vtkMRMLLabelMapVolumeNode")
     moving_labels = add_volume(scene, data["moving_labels"], MOVING_GRID.affine, "ml", "vtkMRMLLabelMapVolumeNode")
-    logic = DeepRegistrationLogic()
-    prepared = logic.prepareJob(fixed, moving, "lapirn", weights=str(weights), fixedSegmentation=fixed_labels,
+    logic = MRMLLogic()
+    prepared = logic.prepareJob(fixed, moving, lapirn(weights=str(weights)), fixedSegmentation=fixed_labels,
                                 movingSegmentation=moving_labels)
     np.testing.assert_array_equal(prepared.job.fixed_labels.data, data["fixed_labels"])
     np.testing.assert_array_equal(prepared.job.moving_labels.data, data["moving_labels"])
     # the same labels through segmentation export
     _, nodes = build_scene(data)
-    from_segments = logic.prepareJob(nodes["fixed"], nodes["moving"], "lapirn",
+    from_segments = logic.prepareJob(nodes["fixed"], nodes["moving"], lapirn(),
                                      fixedSegmentation=nodes["fixedSegmentation"],
                                      movingSegmentation=nodes["movingSegmentation"])
     np.testing.assert_array_equal(from_segments.job.fixed_labels.data, data["fixed_labels"])
@@ -442,7 +450,7 @@ def test_failure_and_cancel_leave_scene_and_inputs_unchanged(data, weights, tmp_
     before = {name: checksum(node) for name, node in nodes.items()}
     ids = node_ids(scene)
     with pytest.raises(errors.InputError, match="no weights"):
-        DeepRegistrationLogic().register(nodes["fixed"], nodes["moving"], "lapirn", weights=str(tmp_path / "x"))
+        MRMLLogic().registerVolumes(nodes["fixed"], nodes["moving"], lapirn(weights=str(tmp_path / "x")))
     with pytest.raises(errors.Cancelled):
         run(nodes, weights, cancel=lambda: True)
     with pytest.raises(errors.InputError, match="is an input"):
@@ -450,19 +458,18 @@ def test_failure_and_cancel_leave_scene_and_inputs_unchanged(data, weights, tmp_
     assert node_ids(scene) == ids
 
     # a failure while building the outputs removes every node that call had added
-    from DeepRegistrationLib import slicer_logic
+    from DeepRegistrationLib.frontends import mrml
 
-    def broken(self):
+    def broken(self, key, landmarks):
         raise RuntimeError("broken table")
 
-    monkeypatch.setattr(slicer_logic._OutputBuilder, "landmarks", broken)
-    prepared = DeepRegistrationLogic().prepareJob(nodes["fixed"], nodes["moving"], "lapirn",
-                                                  fixedLandmarks=nodes["fixedLandmarks"],
-                                                  movingLandmarks=nodes["movingLandmarks"])
-    result = synthetic_result(prepared.job.fixed, prepared.job.moving)
-    result.metrics["landmarks"] = {"before": [0.0] * 6, "after": [0.0] * 6}
+    monkeypatch.setattr(mrml._OutputBuilder, "landmark_table", broken)
+    prepared = MRMLLogic().prepareJob(nodes["fixed"], nodes["moving"], lapirn(),
+                                      fixedLandmarks=nodes["fixedLandmarks"],
+                                      movingLandmarks=nodes["movingLandmarks"])
+    result = synthetic_result(prepared.job.fixed, prepared.job.moving, points=prepared.job)
     with pytest.raises(RuntimeError, match="broken table"):
-        DeepRegistrationLogic().createOutputs(prepared, result)
+        MRMLLogic().createOutputs(prepared, result)
     assert node_ids(scene) == ids
     assert {name: checksum(node) for name, node in nodes.items()} == before
 
@@ -470,22 +477,25 @@ def test_failure_and_cancel_leave_scene_and_inputs_unchanged(data, weights, tmp_
 # ------------------------------------------------------------------------- outputs without the engine
 
 
-def synthetic_result(fixed: Image, moving: Image, affine: np.ndarray | None = None) -> RegistrationResult:
-    """A result with a folding field (a strong sinusoid along i) on the fixed grid."""
+def synthetic_result(fixed: Image, moving: Image, affine: np.ndarray | None = None,
+                     points=None) -> RegistrationResult:
+    """A result with a folding field (a strong sinusoid along i) on the fixed grid; with `points` (a job), its
+    landmarks are scored."""
     i = np.arange(fixed.grid.shape[0])[:, None, None]
     u = np.zeros((1, 3, *fixed.grid.shape), np.float32)
     u[0, 0] = 2.5 * np.sin(2 * np.pi * i / 8.0)
     field = DisplacementField.from_voxels(torch.from_numpy(u), fixed.grid)
-    det = field.jacobian_determinant()
-    return RegistrationResult("lapirn", field, field, affine, apply_field(moving, field),
-                              Image(det.astype(np.float32), fixed.grid, "jacobian"), None, {}, None, "cpu",
-                              fixed.grid)
+    metrics, warped, _, det = evaluate(fixed, moving, field, fixed_points=getattr(points, "fixed_points", None),
+                                       moving_points=getattr(points, "moving_points", None))
+    metrics.run = RunInfo(lapirn(), None, "cpu", fixed.grid.shape, 1.0, None, {"total": 0.0})
+    return RegistrationResult(field, field, affine, warped, Image(det.astype(np.float32), fixed.grid, "jacobian"),
+                              None, metrics)
 
 
 def test_chosen_output_nodes_are_overwritten_and_affine_is_listed_under_the_grid_transform(data):
     scene, nodes = build_scene(data)
-    logic = DeepRegistrationLogic()
-    prepared = logic.prepareJob(nodes["fixed"], nodes["moving"], "lapirn")
+    logic = MRMLLogic()
+    prepared = logic.prepareJob(nodes["fixed"], nodes["moving"], lapirn())
     affine = np.eye(4)
     affine[:3, :3] = rotation((0, 1, 0), 5)
     affine[:3, 3] = (1.0, 2.0, -1.0)
@@ -514,8 +524,8 @@ def test_chosen_output_nodes_are_overwritten_and_affine_is_listed_under_the_grid
 
 def test_output_choice_errors(data):
     scene, nodes = build_scene(data)
-    logic = DeepRegistrationLogic()
-    prepared = logic.prepareJob(nodes["fixed"], nodes["moving"], "lapirn")
+    logic = MRMLLogic()
+    prepared = logic.prepareJob(nodes["fixed"], nodes["moving"], lapirn())
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", "t")
     with pytest.raises(errors.InputError, match="not a vtkMRMLScalarVolumeNode"):
         logic.checkOutputs(prepared, Outputs(warped=table))
@@ -523,11 +533,11 @@ def test_output_choice_errors(data):
     with pytest.raises(errors.InputError, match="same node"):
         logic.checkOutputs(prepared, Outputs(warped=volume, jacobian=volume))
     with pytest.raises(errors.InputError, match="both fixed and moving"):
-        logic.prepareJob(nodes["fixed"], nodes["moving"], "lapirn", fixedLandmarks=nodes["fixedLandmarks"])
+        logic.prepareJob(nodes["fixed"], nodes["moving"], lapirn(), fixedLandmarks=nodes["fixedLandmarks"])
     # overwriting a transform above an input would move that input
     parent = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "parent")
     nodes["moving"].SetAndObserveTransformNodeID(parent.GetID())
-    prepared = logic.prepareJob(nodes["fixed"], nodes["moving"], "lapirn")
+    prepared = logic.prepareJob(nodes["fixed"], nodes["moving"], lapirn())
     with pytest.raises(errors.InputError, match="transforms the input"):
         logic.checkOutputs(prepared, Outputs(transform=parent))
 
@@ -535,8 +545,8 @@ def test_output_choice_errors(data):
 def test_landmarks_without_common_labels_match_by_order(data):
     scene, nodes = build_scene(data)
     moving = add_fiducials(scene, [f"M-{i}" for i in range(6)], data["moving_points"], "M2")
-    prepared = DeepRegistrationLogic().prepareJob(nodes["fixed"], nodes["moving"], "lapirn",
-                                                  fixedLandmarks=nodes["fixedLandmarks"], movingLandmarks=moving)
+    prepared = MRMLLogic().prepareJob(nodes["fixed"], nodes["moving"], lapirn(),
+                                      fixedLandmarks=nodes["fixedLandmarks"], movingLandmarks=moving)
     assert prepared.landmarkMatch == "order"
     np.testing.assert_allclose(prepared.job.moving_points, data["moving_points"])
 
@@ -546,31 +556,31 @@ def test_landmarks_without_common_labels_match_by_order(data):
 
 def test_worker_files_roundtrip_and_subprocess_cancel(registered, tmp_path):
     scene, nodes, out, _ = registered
-    prepared = DeepRegistrationLogic().prepareJob(nodes["fixed"], nodes["moving"], "lapirn", device="cpu",
-                                                  fixedLandmarks=nodes["fixedLandmarks"],
-                                                  movingLandmarks=nodes["movingLandmarks"])
-    slicer_worker.write_job(prepared.job, tmp_path)
-    job = slicer_worker.read_job(tmp_path)
-    np.testing.assert_array_equal(job.moving.data, prepared.job.moving.data)
-    np.testing.assert_allclose(job.moving.grid.affine, MOVING_GRID.affine, atol=1e-12)
-    np.testing.assert_array_equal(job.fixed_points, prepared.job.fixed_points)
-    assert job.device == "cpu" and job.fixed_labels is None
+    prepared = MRMLLogic().prepareJob(nodes["fixed"], nodes["moving"], lapirn(device="cpu"),
+                                      fixedLandmarks=nodes["fixedLandmarks"],
+                                      movingLandmarks=nodes["movingLandmarks"])
+    job.write_job(prepared.job, tmp_path)
+    back_job = job.read_job(tmp_path)
+    np.testing.assert_array_equal(back_job.moving.data, prepared.job.moving.data)
+    np.testing.assert_allclose(back_job.moving.grid.affine, MOVING_GRID.affine, atol=1e-12)
+    np.testing.assert_array_equal(back_job.fixed_points, prepared.job.fixed_points)
+    assert back_job.options.device == "cpu" and back_job.fixed_labels is None
 
-    slicer_worker.write_result(out.result, tmp_path)
-    back = slicer_worker.read_result(tmp_path)
+    job.write_result(out.result, tmp_path)
+    back = job.read_result(tmp_path)
     np.testing.assert_array_equal(back.field.data, out.result.field.data)
     np.testing.assert_array_equal(back.warped.grid.affine, out.result.warped.grid.affine)
-    assert back.metrics["landmarks"]["after"] == pytest.approx(out.result.metrics["landmarks"]["after"])
+    assert back.metrics.landmarks.after == pytest.approx(out.result.metrics.landmarks.after)
 
     # The module's subprocess: a cancel request present from the start stops it before any work.
     (tmp_path / "result.json").unlink()
     (tmp_path / "cancel").touch()
-    module_dir = Path(slicer_worker.__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-m", "DeepRegistrationLib.slicer_worker", str(tmp_path)],
+    module_dir = Path(worker.__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "DeepRegistrationLib.frontends.worker", str(tmp_path)],
                           cwd=module_dir, capture_output=True, text=True, timeout=120)
     assert done.returncode == 4, done.stderr
-    assert slicer_worker.read_error(tmp_path)[0] == "Cancelled"
-    assert not (tmp_path / "result.json").exists()
+    assert job.read_error(tmp_path)[0] == "Cancelled"
+    assert not job.has_result(tmp_path)
 
 
 def test_sample_ground_truth_through_slicer_readers_and_transform():
@@ -578,8 +588,8 @@ def test_sample_ground_truth_through_slicer_readers_and_transform():
     reader, onto the moving ones to the file's 0.01 mm storage step."""
     import nibabel
 
-    from DeepRegistrationLib.image import read_image
-    from DeepRegistrationLib.slicer_logic import match_landmarks
+    from DeepRegistrationLib.core.image import read_image
+    from DeepRegistrationLib.frontends.mrml import match_landmarks
 
     sample = Path(__file__).resolve().parents[1] / "Resources" / "SampleData"
     scene = slicer.vtkMRMLScene()
@@ -603,10 +613,10 @@ def test_sample_ground_truth_through_slicer_readers_and_transform():
 
 
 def test_memory_estimate_and_method_config(weights):
-    config = slicer_worker.method_config("lapirn", {"int_steps": 5}, str(weights))
+    config = job.method_config("lapirn", {"int_steps": 5}, str(weights))
     assert (config.start_channels, config.int_steps) == (2, 5)  # the weights' architecture, the override applied
     with pytest.raises(errors.InputError, match="do not fit"):
-        slicer_worker.method_config("lapirn", {"no_such_field": 1}, str(weights))
-    small = slicer_worker.estimate_memory("lapirn", None, str(weights), FIXED_GRID)
-    large = slicer_worker.estimate_memory("lapirn", {"working_spacing": 1.0}, str(weights), FIXED_GRID)
+        job.method_config("lapirn", {"no_such_field": 1}, str(weights))
+    small = job.estimate_memory(lapirn(weights=str(weights)), FIXED_GRID)
+    large = job.estimate_memory(lapirn(parameters={"working_spacing": 1.0}, weights=str(weights)), FIXED_GRID)
     assert 0 < small < large

@@ -159,7 +159,7 @@ def test_icon_and_cmake_resources():
 def test_widget_starts_with_the_registry_default_method(tree):
     """The parameter class cannot import the backend at load time, so its default method is a literal: it must be
     registry.DEFAULT_METHOD, the method whose shipped model `deepregistration demo` uses."""
-    from DeepRegistrationLib.registry import DEFAULT_METHOD
+    from DeepRegistrationLib.methods.registry import DEFAULT_METHOD
 
     classes = [node for node in tree.body if isinstance(node, ast.ClassDef)
                and any(isinstance(d, ast.Name) and d.id == "parameterNodeWrapper" for d in node.decorator_list)]

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from DeepRegistrationLib.errors import InputError
-from DeepRegistrationLib.models import load_model
+from DeepRegistrationLib.core.errors import InputError
+from DeepRegistrationLib.methods.models import load_model
 from training.__main__ import main as training_main, reproduce_command
 from training.recipe import Recipe
 from training.trainer import Trainer
@@ -176,8 +176,8 @@ def test_folder_errors_come_before_compute(tmp_path):
         Trainer(Recipe.from_dict(recipe), tmp_path / "run", "cpu")
     jad = {"method": "jad", "config": {"working_shape": [16, 16, 16]}, "iterations": 1,
            "data": {"kind": "folder", "folder": str(tmp_path), "validation_pairs": 1}}
-    from DeepRegistrationLib.geometry import Grid
-    from DeepRegistrationLib.image import Image, write_image
+    from DeepRegistrationLib.core.geometry import Grid
+    from DeepRegistrationLib.core.image import Image, write_image
     import numpy as np
     for name in ("a", "b", "c"):
         write_image(Image(np.random.rand(8, 8, 8).astype(np.float32), Grid((8, 8, 8), np.eye(4))),

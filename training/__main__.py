@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from DeepRegistrationLib.errors import InputError
+from DeepRegistrationLib.core.errors import InputError
 
 from .recipe import load_recipe
 
@@ -84,8 +84,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def models_table() -> str:
     """Markdown table of every shipped model: data, resolution, iterations, wall time, hardware, validation."""
-    from DeepRegistrationLib.models import read_metadata
-    from DeepRegistrationLib.registry import METHODS
+    from DeepRegistrationLib.methods.models import read_metadata
+    from DeepRegistrationLib.methods.registry import METHODS
 
     rows = ["| method | data | working grid | iterations | wall time | hardware | val. Dice (identity → model) "
             "| val. % det J ≤ 0 | size | sha256 |", "|" + " --- |" * 10]
@@ -135,8 +135,8 @@ def reproduce_command(record: dict) -> str:
 
 def models_commands() -> str:
     """A shell block with the command that reproduces each shipped model (after `python -m training.data fetch`)."""
-    from DeepRegistrationLib.models import read_metadata
-    from DeepRegistrationLib.registry import METHODS
+    from DeepRegistrationLib.methods.models import read_metadata
+    from DeepRegistrationLib.methods.registry import METHODS
 
     lines = ["```bash", "python -m training.data fetch"]
     lines += [reproduce_command(read_metadata(spec.weights_path)["record"])

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from DeepRegistrationLib.errors import InputError
-from DeepRegistrationLib.geometry import Grid
-from DeepRegistrationLib.image import read_image, read_labels
-from DeepRegistrationLib.resample import normalize_intensity, resample_array
+from DeepRegistrationLib.core.errors import InputError
+from DeepRegistrationLib.core.geometry import Grid
+from DeepRegistrationLib.core.image import read_image, read_labels
+from DeepRegistrationLib.core.resample import normalize_intensity, resample_array
 
 from .data import synth
 from .data.phantom import ellipsoid_labels, phantom_image

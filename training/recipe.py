@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from DeepRegistrationLib.errors import InputError
-from DeepRegistrationLib.registry import get_method
+from DeepRegistrationLib.core.errors import InputError
+from DeepRegistrationLib.methods.registry import get_method
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 SCHEDULES = ("plain", "progressive", "alternating")

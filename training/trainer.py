@@ -27,13 +27,14 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from DeepRegistrationLib import __version__, warp
-from DeepRegistrationLib.errors import InputError
-from DeepRegistrationLib.image import atomic_path
-from DeepRegistrationLib.metrics import dice_per_label
-from DeepRegistrationLib.models import save_model
-from DeepRegistrationLib.networks.base import RegistrationNetwork
-from DeepRegistrationLib.padding import crop_to_shape, pad_to_multiple
+from DeepRegistrationLib import __version__
+from DeepRegistrationLib.core import warp
+from DeepRegistrationLib.core.errors import InputError
+from DeepRegistrationLib.core.image import atomic_path
+from DeepRegistrationLib.core.metrics import dice_per_label
+from DeepRegistrationLib.methods.models import save_model
+from DeepRegistrationLib.methods.networks.base import RegistrationNetwork
+from DeepRegistrationLib.core.padding import crop_to_shape, pad_to_multiple
 
 from .datasets import FolderPairs, SyntheticPairs
 from .recipe import Recipe
@@ -78,7 +79,7 @@ def build_datasets(recipe: Recipe, network: RegistrationNetwork) -> tuple[Datase
     length = recipe.iterations * recipe.batch_size
     labelled = None
     if recipe.schedule == "alternating":
-        from DeepRegistrationLib.networks.macjnet import labelled_pairs
+        from DeepRegistrationLib.methods.networks.macjnet import labelled_pairs
 
         labelled = set(labelled_pairs(length, config.labelled_fraction, recipe.seed))
     train = SyntheticPairs(data, spacing, shape, length, recipe.seed, labelled=labelled)
@@ -87,7 +88,7 @@ def build_datasets(recipe: Recipe, network: RegistrationNetwork) -> tuple[Datase
 
 
 def _needs_labels(method: str) -> bool:
-    from DeepRegistrationLib.registry import get_method
+    from DeepRegistrationLib.methods.registry import get_method
 
     return get_method(method).training_needs_labels
 
@@ -173,7 +174,7 @@ class Trainer:
         self.world = dist.get_world_size() if self.distributed else 1
         self.device = self._device(device)
         torch.manual_seed(recipe.seed + self.rank)
-        from DeepRegistrationLib.registry import get_method
+        from DeepRegistrationLib.methods.registry import get_method
 
         self.spec = get_method(recipe.method)
         self.network = self.spec.build(recipe.method_config()).to(self.device)
@@ -217,7 +218,7 @@ class Trainer:
                     break
                 start += stage["iterations"]
         if r.schedule == "alternating":
-            from DeepRegistrationLib.networks.macjnet import alternating_stage
+            from DeepRegistrationLib.methods.networks.macjnet import alternating_stage
 
             state["stage"] = alternating_stage(iteration, self.network.config.stage_length)
             state["pretraining"] = iteration < r.pretrain_iterations

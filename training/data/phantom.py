@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from DeepRegistrationLib import warp
+from DeepRegistrationLib.core import warp
 
 PHANTOM_TABLE = {1: "head", 2: "blob A", 3: "blob B", 4: "core"}
 

@@ -13,8 +13,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from DeepRegistrationLib import warp
-from DeepRegistrationLib.landmarks import Landmarks, write_fcsv
+from DeepRegistrationLib.core import warp
+from DeepRegistrationLib.core.landmarks import Landmarks, write_fcsv
 
 from . import synth
 from .fetch import ICBM152_NOTICE, TISSUE_TABLE, fetch, is_complete

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from DeepRegistrationLib import warp
+from DeepRegistrationLib.core import warp
 
 Seed = int | torch.Generator
 Spacing = Sequence[float]

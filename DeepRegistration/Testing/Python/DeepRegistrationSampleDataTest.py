@@ -39,9 +39,9 @@ class DeepRegistrationSampleDataTest(ScriptedLoadableModuleTest):
 
     def test_GroundTruthTransform(self):
         import nibabel
-        from DeepRegistrationLib.field_io import DisplacementField
-        from DeepRegistrationLib.metrics import ncc
-        from DeepRegistrationLib.slicer_logic import (grid_transform_from_field, image_from_volume_node,
+        from DeepRegistrationLib.core.field import DisplacementField
+        from DeepRegistrationLib.core.metrics import ncc
+        from DeepRegistrationLib.frontends.mrml import (grid_transform_from_field, image_from_volume_node,
                                                       match_landmarks)
 
         fixed, moving, _, _, fixedPoints, movingPoints = self.load()
@@ -85,7 +85,7 @@ class DeepRegistrationSampleDataTest(ScriptedLoadableModuleTest):
         self.delayDisplay(f"Ground truth: landmarks within 0.011 mm; NCC {before:.3f} -> {after:.3f}")
 
     def test_ShippedModel(self):
-        from DeepRegistrationLib.registry import get_method
+        from DeepRegistrationLib.methods.registry import get_method
 
         if not get_method("lapirn").weights_path.is_file():
             self.skipTest("no shipped lapirn model in Resources/Models")

@@ -1,0 +1,50 @@
+"""The options of one registration, declared once: the engine takes them, every front end builds or reflects them.
+
+The command line makes one flag per field (`--instance-optimization` for `instance_optimization`), the job runner
+stores them in job.json, the Slicer parameter node has one camelCase field per option (a test checks it), and the
+benchmark builds them per method. Adding an option is one `param` line here plus its front-end widgets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from ..core.params import param
+from ..methods.registry import DEFAULT_METHOD
+
+PREALIGN_CHOICES = ("none", "moments", "jad")
+MODALITIES = ("mr", "ct")
+
+
+@dataclass
+class RegistrationOptions:
+    """How to register one pair (inputs — images, labels, landmarks, mask — are passed beside it)."""
+
+    method: str = param(DEFAULT_METHOD, "registration method (a registry name; `deepregistration methods`)")
+    weights: str | None = param(None, "weights file (.safetensors with its JSON beside it); none: the method's "
+                                      "shipped model")
+    parameters: dict[str, Any] = param({}, "overrides of the method's inference-time config fields, e.g. "
+                                           "working_spacing=2.0 (mm)")
+    device: str = param("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    prealign: str = param("none", "affine pre-alignment: none, centre-of-mass translation (moments) or the jad "
+                                  "model's affine", choices=PREALIGN_CHOICES)
+    instance_optimization: int = param(0, "test-time optimisation steps of the method's own loss on this pair "
+                                          "(on a copy of the weights)", low=0, high=10_000)
+    seed: int = param(0, "random seed (torch) of the run", low=0, high=2**31 - 1)
+    fixed_modality: str = param("mr", "fixed image modality: mr (percentile normalisation) or ct (HU window)",
+                                choices=MODALITIES)
+    moving_modality: str = param("mr", "moving image modality: mr or ct", choices=MODALITIES)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RegistrationOptions":
+        """Inverse of `to_dict`; missing keys take the defaults, unknown keys are a ValueError."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown registration option(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)

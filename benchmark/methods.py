@@ -1,0 +1,139 @@
+"""The methods a benchmark run compares: identity, every registry network with shipped weights, and the classical
+tools the manifest configures. Each produces a forward `DisplacementField` on the fixed grid (RAS mm)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from DeepRegistrationLib.core.errors import InputError
+from DeepRegistrationLib.core.field import DisplacementField
+from DeepRegistrationLib.core.image import Image
+from DeepRegistrationLib.methods.registry import METHODS
+
+from .suite import Manifest, PairSpec
+
+IDENTITY = "identity"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A benchmarked method. `kind`: "identity", "network" (registry name) or "classical" (manifest entry)."""
+
+    name: str
+    kind: str
+    monomodal_only: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def applies_to(self, spec: PairSpec) -> bool:
+        """Monomodal methods (CC-based tools, "mono" networks) are not run on multimodal pairs."""
+        return not (self.monomodal_only and spec.multimodal)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "monomodal_only": self.monomodal_only,
+                "settings": self.settings}
+
+
+def network_method(name: str) -> Method:
+    spec = METHODS[name]
+    return Method(name, "network", spec.modality == "mono")
+
+
+def available_methods(manifest: Manifest, names: list[str] | None = None) -> list[Method]:
+    """Identity, each registry method whose weights are shipped, and the manifest's classical methods.
+
+    With `names`, exactly those (an unknown name, or a network without weights, is an InputError).
+    """
+    known = {IDENTITY: Method(IDENTITY, "identity")}
+    shipped = [n for n, spec in METHODS.items() if spec.weights_path.is_file()]
+    known.update({n: network_method(n) for n in shipped})
+    known.update({n: Method(n, "classical", bool(s.get("monomodal_only")), s) for n, s in manifest.classical.items()})
+    if not names:
+        return list(known.values())
+    for name in names:
+        if name not in known:
+            hint = " (no shipped weights)" if name in METHODS else ""
+            raise InputError(f"unknown or unavailable method {name!r}{hint}; available: {', '.join(known)}")
+    return [known[n] for n in names]
+
+
+def network_options(method: Method, modalities: tuple[str, str], device: str, weights: str | None):
+    """The `RegistrationOptions` a network runs with in the benchmark: its shipped (or given) model as is."""
+    from DeepRegistrationLib.engine.options import RegistrationOptions
+
+    return RegistrationOptions(method=method.name, weights=weights, device=device, fixed_modality=modalities[0],
+                               moving_modality=modalities[1])
+
+
+def run_method(method: Method, fixed: Image, moving: Image, modalities: tuple[str, str], threads: int,
+               device: str = "cpu", weights: str | None = None) -> tuple[DisplacementField, float]:
+    """Register `moving` to `fixed` with `method`; returns (forward field, seconds spent producing it).
+
+    For networks the seconds are the engine's stages without its built-in metrics (the full pipeline
+    preprocessing → network → field and inverse on the fixed grid); for the others the whole call.
+    """
+    start = time.perf_counter()
+    if method.kind == "identity":
+        field = DisplacementField(np.zeros((*fixed.grid.shape, 3), np.float32), fixed.grid)
+        return field, time.perf_counter() - start
+    if method.kind == "network":
+        from DeepRegistrationLib.engine.registration import register
+
+        result = register(fixed, moving, network_options(method, modalities, device, weights))
+        stages = result.metrics.run.time_s
+        return result.field, stages["total"] - stages.get("metrics", 0.0)
+    if method.kind == "classical":
+        from .classical import run_classical
+
+        with tempfile.TemporaryDirectory(prefix=f"deepreg_{method.name}_") as work:
+            field = run_classical(method.settings["tool"], method.settings, fixed, moving, threads, Path(work))
+        return field, time.perf_counter() - start
+    raise InputError(f"unknown method kind {method.kind!r}")
+
+
+def full_pipeline(method: Method, pair_dir: Path, threads: int, device: str,
+                  weights: str | None) -> tuple[float, dict[str, float]]:
+    """(seconds, seconds per stage) from reading the pair's files to writing every output of `method`.
+
+    Runs in the worker. Network stages are the engine's (preprocessing, resampling, network, export, metrics) plus
+    reading and writing; classical ones are reading, registration (with field extraction) and writing.
+    """
+    from DeepRegistrationLib.core.field import apply_field, write_itk_displacement
+    from DeepRegistrationLib.core.image import read_image, write_image
+    from DeepRegistrationLib.frontends.outputs import OUTPUT_FILES, write_outputs
+
+    record = json.loads((pair_dir / "pair.json").read_text())["record"]
+    fixed_modality, moving_modality = record["modalities"]
+    with tempfile.TemporaryDirectory(prefix=f"deepreg_speed_{method.name}_") as tmp:
+        out = Path(tmp)
+        start = time.perf_counter()
+        fixed, moving = read_image(pair_dir / "fixed.nii.gz"), read_image(pair_dir / "moving.nii.gz")
+        stages = {"read": time.perf_counter() - start}
+        if method.kind == "network":
+            from DeepRegistrationLib.engine.registration import register
+
+            result = register(fixed, moving, network_options(method, (fixed_modality, moving_modality), device,
+                                                             weights))
+            stages.update({k: v for k, v in result.metrics.run.time_s.items() if k != "total"})
+            written = time.perf_counter()
+            write_outputs(result, out)
+        elif method.kind == "classical":
+            from .classical import run_classical
+
+            (out / "work").mkdir()
+            field = run_classical(method.settings["tool"], method.settings, fixed, moving, threads, out / "work")
+            written = time.perf_counter()
+            stages["registration"] = written - start - stages["read"]
+            write_image(apply_field(moving, field), out / OUTPUT_FILES["warped"])  # the networks' file formats
+            write_itk_displacement(field, out / OUTPUT_FILES["transform"])
+        else:
+            raise ValueError(f"speed runs networks and classical tools, not {method.kind!r}")
+        end = time.perf_counter()
+        stages["write"] = end - written
+        return end - start, {k: round(v, 2) for k, v in stages.items()}

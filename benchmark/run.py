@@ -1,0 +1,208 @@
+"""Run the suite: every selected pair × every applicable method, each method run in its own child process, then
+scored in this process with `scoring.score`. Writes into the output directory:
+
+- `results.jsonl`: one record per (pair, method) as it finishes (a rerun with `resume` skips finished ones);
+- `results.csv`: the summary row of each record; `structures.csv`: Dice, HD95, ASSD per structure;
+- `summary.md`: the tables (per pair kind and per pair) and the machine; `dice_<label set>.png` box plots;
+- `run.json`: manifest, methods with their settings, machine, threads, library versions.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from DeepRegistrationLib.core.errors import InputError
+from DeepRegistrationLib.core.field import read_itk_displacement
+
+from .methods import Method, available_methods
+from .plots import structure_boxplots
+from .scoring import score
+from .suite import ANATOMY_DIR, CACHE_DIR, Manifest, load_pair, materialise
+from .records import OUTPUT_DIR, json_default, machine_info
+from .worker import run_job
+
+COLUMNS = ("pair", "kind", "label_set", "method", "dice", "dice_before", "hd95", "assd", "folding_pct",
+           "folding_pct_grid", "sdlogj", "tre_mm", "tre_before_mm", "epe_mm", "epe_p95_mm", "ncc", "mi",
+           "landmarks", "seconds", "peak_mb", "baseline_mb", "startup_s", "error")
+STRUCTURE_COLUMNS = ("pair", "kind", "label_set", "method", "structure", "label", "dice", "hd95", "assd")
+KIND_TITLES = {"cross_subject": "Cross-subject (real pairs)", "known_warp": "Known warp (real anatomy)",
+               "multimodal": "Multimodal known warp"}
+
+
+def _finished(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    if not path.is_file():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["pair"], r["method"]): r for r in records if not r.get("error")}
+
+
+def run_suite(manifest: Manifest, pair_names: list[str] | None = None, method_names: list[str] | None = None,
+              out_dir: Path = OUTPUT_DIR, threads: int = 2, resolution_mm: float | None = None,
+              device: str = "cpu", timeout_s: float | None = None, resume: bool = False,
+              anatomy_dir: Path = ANATOMY_DIR, cache_dir: Path = CACHE_DIR,
+              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Materialise, run, score and write every output (see the module docstring); returns the records."""
+    from . import set_threads
+    import torch
+
+    set_threads(threads)
+    torch.set_num_threads(threads)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specs = manifest.select(pair_names)
+    methods = available_methods(manifest, method_names)
+    info = {"manifest": str(manifest.path), "suite": manifest.raw.get("suite"), "version": manifest.version,
+            "resolution_mm": float(resolution_mm or manifest.resolution_mm), "pairs": [s.id for s in specs],
+            "methods": [m.to_dict() for m in methods], "device": device, "machine": machine_info(threads),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    log(f"{len(specs)} pairs x {len(methods)} methods ({', '.join(m.name for m in methods)}), "
+        f"{threads} threads, {info['resolution_mm']:g} mm")
+    jsonl = out_dir / "results.jsonl"
+    done = _finished(jsonl) if resume else {}
+    if resume and (out_dir / "run.json").is_file():
+        previous = json.loads((out_dir / "run.json").read_text())
+        info["resumed"] = [*previous.get("resumed", []), info["started"]]
+        info["started"], info["machine"]["load_average"] = previous["started"], previous["machine"]["load_average"]
+    if not resume:
+        jsonl.write_text("")
+    records = []
+    for spec in specs:
+        directory = materialise(manifest, spec, resolution_mm, anatomy_dir, cache_dir)
+        pair = load_pair(directory)
+        for method in methods:
+            if not method.applies_to(spec):
+                continue
+            if (spec.id, method.name) in done:
+                records.append(done[(spec.id, method.name)])
+                continue
+            record = _run_one(pair, method, out_dir, threads, device, timeout_s)
+            records.append(record)
+            with open(jsonl, "a") as f:
+                f.write(json.dumps(record, default=json_default) + "\n")
+            log(_progress_line(record))
+    info["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    info["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    write_outputs(records, info, out_dir)
+    return records
+
+
+def rewrite_outputs(out_dir: Path) -> list[dict[str, Any]]:
+    """Rebuild the CSVs, summary.md and plots of a run directory from its run.json and results.jsonl."""
+    out_dir = Path(out_dir)
+    for name in ("run.json", "results.jsonl"):
+        if not (out_dir / name).is_file():
+            raise InputError(f"{out_dir / name}: missing; is {out_dir} the --out of a benchmark run?")
+    info = json.loads((out_dir / "run.json").read_text())
+    records = [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines() if line.strip()]
+    write_outputs(records, info, out_dir)
+    return records
+
+
+def _run_one(pair, method: Method, out_dir: Path, threads: int, device: str,
+             timeout_s: float | None) -> dict[str, Any]:
+    spec = pair.spec
+    work = out_dir / "work" / spec.id / method.name
+    job = {"mode": "suite", "method": method.to_dict(), "pair_dir": str(pair.directory), "out_dir": str(work),
+           "threads": threads, "device": device}
+    result = run_job(job, timeout_s)
+    record: dict[str, Any] = {"pair": spec.id, "kind": spec.kind, "label_set": spec.label_set,
+                              "method": method.name, "error": result.get("error", "")}
+    for key in ("seconds", "peak_mb", "baseline_mb", "startup_s"):
+        record[key] = result.get(key, float("nan"))
+    if not record["error"]:
+        row, structures = score(pair, read_itk_displacement(work / "field.nii.gz"))
+        record.update(row)
+        record["structures"] = structures
+        (work / "field.nii.gz").unlink()
+    return record
+
+
+def _progress_line(r: dict[str, Any]) -> str:
+    if r["error"]:
+        return f"  {r['pair']:<24} {r['method']:<12} FAILED: {r['error']}"
+    return (f"  {r['pair']:<24} {r['method']:<12} Dice {r['dice']:.3f} (before {r['dice_before']:.3f})  "
+            f"TRE {r['tre_mm']:.2f}  EPE {r['epe_mm']:.2f}  fold {r['folding_pct']:.3f}%  "
+            f"{r['seconds']:.1f} s  {r['peak_mb']:.0f} MB")
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+
+
+def write_outputs(records: list[dict[str, Any]], info: dict[str, Any], out_dir: Path) -> None:
+    """results.csv, structures.csv, summary.md, box plots and run.json from the records."""
+    out_dir = Path(out_dir)
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+    with open(out_dir / "structures.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, STRUCTURE_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for r in records:
+            for s in r.get("structures", []):
+                writer.writerow({**{k: r[k] for k in ("pair", "kind", "label_set", "method")}, **s})
+    plots = structure_boxplots(records, out_dir, "dice")
+    info["plots"] = [p.name for p in plots]
+    (out_dir / "run.json").write_text(json.dumps(info, indent=1, default=json_default) + "\n")
+    (out_dir / "summary.md").write_text(summary_markdown(records, info))
+
+
+def _fmt(values: list[float], digits: int) -> str:
+    finite = [v for v in values if v is not None and isinstance(v, (int, float)) and math.isfinite(v)]
+    if not finite:
+        return "–"
+    mean = float(np.mean(finite))
+    if len(finite) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {float(np.std(finite)):.{digits}f}"
+
+
+TABLE = (("Dice", "dice", 3), ("HD95 mm", "hd95", 2), ("ASSD mm", "assd", 2), ("% det J ≤ 0", "folding_pct", 3),
+         ("SDlogJ", "sdlogj", 3), ("TRE mm", "tre_mm", 2), ("EPE mm", "epe_mm", 2), ("time s", "seconds", 1),
+         ("peak MB", "peak_mb", 0))
+
+
+def summary_markdown(records: list[dict[str, Any]], info: dict[str, Any]) -> str:
+    """Per-kind table (mean ± sd over pairs) and per-pair table, plus failures and the machine."""
+    ok = [r for r in records if not r["error"]]
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    head = "| method | pairs | " + " | ".join(t[0] for t in TABLE) + " |"
+    rule = "|---|---|" + "---|" * len(TABLE)
+    lines = []
+    for kind, title in KIND_TITLES.items():
+        group = [r for r in ok if r["kind"] == kind]
+        if not group:
+            continue
+        lines += [f"### {title}", "", head, rule]
+        for method in methods:
+            rows = [r for r in group if r["method"] == method]
+            if rows:
+                lines.append(f"| {method} | {len(rows)} | " + " | ".join(_fmt([r[k] for r in rows], d)
+                                                                           for _, k, d in TABLE) + " |")
+        lines.append("")
+    lines += ["### Per pair", "", "| pair | method | " + " | ".join(t[0] for t in TABLE) + " |",
+              "|---|---|" + "---|" * len(TABLE)]
+    for r in ok:
+        lines.append(f"| {r['pair']} | {r['method']} | " + " | ".join(_fmt([r[k]], d) for _, k, d in TABLE) + " |")
+    failed = [r for r in records if r["error"]]
+    if failed:
+        lines += ["", "### Failed runs", ""] + [f"- {r['pair']} / {r['method']}: {r['error']}" for r in failed]
+    m = info["machine"]
+    lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads per method, load average "
+              f"{_load(m.get('load_average'))} at start and {_load(m.get('load_average_end'))} at the end; "
+              f"{info['resolution_mm']:g} mm grid; versions {', '.join(f'{k} {v}' for k, v in m['versions'].items())}; "
+              f"{info['started']} – {info.get('finished', '?')}"
+              + (f" (resumed {', '.join(info['resumed'])})" if info.get("resumed") else "") + ".", ""]
+    return "\n".join(lines)
+
+
+def _load(values: list[float] | None) -> str:
+    return "/".join(f"{v:.1f}" for v in values) if values else "?"
