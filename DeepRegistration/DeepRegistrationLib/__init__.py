@@ -3,4 +3,4 @@
 Importable without Slicer's GUI. Conventions (axis order, units, directions) are in docs/CONVENTIONS.md.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -90,17 +90,18 @@ class DeepRegistrationSampleDataTest(ScriptedLoadableModuleTest):
         if not get_method("lapirn").weights_path.is_file():
             self.skipTest("no shipped lapirn model in Resources/Models")
         import DeepRegistration
+        from DeepRegistrationLib.engine.options import RegistrationOptions
 
         fixed, moving, fixedLabels, movingLabels, fixedPoints, movingPoints = self.load()
         movingBefore = slicer.util.arrayFromVolume(moving).copy()
-        nodes = DeepRegistration.DeepRegistrationLogic().register(
-            fixed, moving, "lapirn", fixedSegmentation=fixedLabels, movingSegmentation=movingLabels,
-            fixedLandmarks=fixedPoints, movingLandmarks=movingPoints)
-        labels = nodes.metrics["labels"]
-        self.assertGreater(labels["after"]["mean_dice"], labels["before"]["mean_dice"])
-        summary = nodes.metrics["landmarks"]["summary"]
+        nodes = DeepRegistration.DeepRegistrationLogic().mrmlLogic().registerVolumes(
+            fixed, moving, RegistrationOptions(method="lapirn"), fixedSegmentation=fixedLabels,
+            movingSegmentation=movingLabels, fixedLandmarks=fixedPoints, movingLandmarks=movingPoints)
+        labels = nodes.metrics.labels
+        self.assertGreater(labels.after.mean_dice, labels.before.mean_dice)
+        summary = nodes.landmarkReport["summary"]
         self.assertLess(summary["mean"][1], summary["mean"][0])
         self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(moving), movingBefore))
-        self.delayDisplay(f"Shipped LapIRN: Dice {labels['before']['mean_dice']:.3f} -> "
-                          f"{labels['after']['mean_dice']:.3f}, TRE {summary['mean'][0]:.2f} -> "
+        self.delayDisplay(f"Shipped LapIRN: Dice {labels.before.mean_dice:.3f} -> "
+                          f"{labels.after.mean_dice:.3f}, TRE {summary['mean'][0]:.2f} -> "
                           f"{summary['mean'][1]:.2f} mm")
