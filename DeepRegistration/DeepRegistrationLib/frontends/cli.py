@@ -249,7 +249,7 @@ def add_option_flags(p: argparse.ArgumentParser) -> None:
         if f.name == "parameters":
             p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=meta["help"])
             continue
-        kind = int if hints[f.name] is int else str
+        kind = hints[f.name] if hints[f.name] in (int, float) else str
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default,
                        choices=meta.get("choices"), help=f"{meta['help']} (default {f.default})")
 
