@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 
 from .errors import InputError
 from .geometry import RAS_FROM_LPS, Grid
@@ -68,11 +69,12 @@ class DisplacementField:
         return torch.from_numpy(np.asarray(self.data, np.float32)).permute(3, 0, 1, 2)[None]
 
     def map_points(self, points_ras: np.ndarray) -> np.ndarray:
-        """Map fixed-space RAS points [N, 3] to moving space: p + d(p), d interpolated trilinearly."""
+        """Map fixed-space RAS points [N, 3] to moving space: p + d(p), d interpolated trilinearly (in float64) at
+        `grid.world_to_voxel(p)`; points outside the grid take the nearest border value."""
         points_ras = np.asarray(points_ras, dtype=np.float64).reshape(-1, 3)
-        ijk = self.grid.world_to_voxel(points_ras)
-        coords = torch.from_numpy(ijk.T.copy()).float().view(1, 3, -1, 1, 1)
-        d = sample(self.tensor(), coords, mode="bilinear", padding_mode="border")[0, :, :, 0, 0].T.numpy()
+        ijk = self.grid.world_to_voxel(points_ras).T
+        d = np.stack([ndimage.map_coordinates(self.data[..., c], ijk, output=np.float64, order=1, mode="nearest")
+                      for c in range(3)], axis=-1)
         return points_ras + d
 
     def jacobian_determinant(self) -> np.ndarray:

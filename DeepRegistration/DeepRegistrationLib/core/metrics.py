@@ -13,8 +13,6 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .geometry import Grid
-
 # --------------------------------------------------------------------------------------------------- overlap
 
 
@@ -295,7 +293,7 @@ def tre(
     """Target registration error in mm per landmark: `|φ(p_fixed) − p_moving|`.
 
     `field_fn` maps fixed-space RAS points [N, 3] (mm) to moving space [N, 3] (the transform the engine provides,
-    e.g. `lambda p: map_points_through_field(p, disp_ras, grid)`).
+    e.g. `DisplacementField(disp_ras, grid).map_points` of core/field.py).
     """
     fixed = np.asarray(fixed_points_ras, dtype=np.float64).reshape(-1, 3)
     moving = np.asarray(moving_points_ras, dtype=np.float64).reshape(-1, 3)
@@ -308,25 +306,6 @@ def tre(
 def tre_identity(fixed_points_ras: np.ndarray, moving_points_ras: np.ndarray) -> np.ndarray:
     """TRE in mm per landmark before registration (identity transform): `|p_fixed − p_moving|`."""
     return tre(fixed_points_ras, moving_points_ras, lambda p: p)
-
-
-def map_points_through_field(points_ras: np.ndarray, disp_ras: np.ndarray, grid: Grid) -> np.ndarray:
-    """Map RAS points [..., 3] (mm) through a physical displacement field: `p + d(p)`.
-
-    `disp_ras` [I, J, K, 3] holds RAS mm displacements on `grid` (the fixed grid, as `field_io.DisplacementField`).
-    d(p) is interpolated trilinearly at `grid.world_to_voxel(p)`; points outside the grid take the nearest border
-    value.
-    """
-    points = np.asarray(points_ras, dtype=np.float64)
-    disp = np.asarray(disp_ras, dtype=np.float64)
-    if disp.shape != (*grid.shape, 3):
-        raise ValueError(f"disp_ras must be {(*grid.shape, 3)}, got {disp.shape}")
-    flat = points.reshape(-1, 3)
-    coords = grid.world_to_voxel(flat).T
-    d = np.stack(
-        [ndimage.map_coordinates(disp[..., c], coords, order=1, mode="nearest") for c in range(3)], axis=-1
-    )
-    return (flat + d).reshape(points.shape)
 
 
 # --------------------------------------------------------------------------------------------- image similarity
