@@ -180,15 +180,23 @@ def is_complete(folder: Path) -> bool:
 # ------------------------------------------------------------------------------------------------ converters
 
 
+def convert_images_and_labels(src: Source, out: Path, base: str, suffix: str, images: tuple[str, ...], labels: str,
+                              label_table: Callable[[np.ndarray], dict[int, str]]) -> None:
+    """Save each member `{base}{name}{suffix}` of `images` as `out/<name>.nii.gz`, then the label map
+    `{base}{labels}{suffix}` as `out/<labels>.nii.gz` with the table `label_table(label map)` (validated against the
+    labels present)."""
+    for name in images:
+        data, affine = src.load(f"{base}{name}{suffix}")
+        save_image(out / f"{name}.nii.gz", data, affine)
+    data, affine = src.load(f"{base}{labels}{suffix}")
+    save_labels(out / f"{labels}.nii.gz", data, affine, label_table(data), f"{src.package}: {labels}{suffix}")
+
+
 def convert_colin27(src: Source, out: Path) -> None:
     """Colin27 T1 (ch2), its brain-extracted version (ch2bet) and the AAL atlas on the same 1 mm grid."""
     base = "usr/share/mricron/templates/"
-    for name in ("ch2", "ch2bet"):
-        data, affine = src.load(f"{base}{name}.nii.gz")
-        save_image(out / f"{name}.nii.gz", data, affine)
-    labels, affine = src.load(f"{base}aal.nii.gz")
-    table = parse_aal_table(src.path(f"{base}aal.nii.txt"), src.package)
-    save_labels(out / "aal.nii.gz", labels, affine, table, f"{src.package}: aal.nii.gz")
+    convert_images_and_labels(src, out, base, ".nii.gz", ("ch2", "ch2bet"), "aal",
+                              lambda _: parse_aal_table(src.path(f"{base}aal.nii.txt"), src.package))
 
 
 def parse_aal_table(path: Path, package: Package) -> dict[int, str]:
@@ -206,17 +214,17 @@ def parse_aal_table(path: Path, package: Package) -> dict[int, str]:
 
 def convert_fsaverage(src: Source, out: Path) -> None:
     """fsaverage T1 (intensity normalised), brain (skull stripped) and aseg with FreeSurferColorLUT names."""
-    base = "smriprep_freesurfer732/freesurfer/subjects/fsaverage6/mri/"
-    for name in ("T1", "brain"):
-        data, affine = src.load(f"{base}{name}.mgz")
-        save_image(out / f"{name}.nii.gz", data, affine)
-    labels, affine = src.load(f"{base}aseg.mgz")
+    convert_images_and_labels(src, out, "smriprep_freesurfer732/freesurfer/subjects/fsaverage6/mri/", ".mgz",
+                              ("T1", "brain"), "aseg", lambda labels: aseg_table(labels, src.package))
+
+
+def aseg_table(labels: np.ndarray, package: Package) -> dict[int, str]:
+    """The FreeSurferColorLUT names of the ids present in an aseg label map (an id without a name is an error)."""
     present = {int(v) for v in np.unique(labels)} - {0}
     unknown = sorted(present - set(ASEG_NAMES))
     if unknown:
-        raise FetchError(f"{src.package}: aseg.mgz has ids without a FreeSurferColorLUT name here: {unknown}")
-    table = {i: ASEG_NAMES[i] for i in sorted(present)}
-    save_labels(out / "aseg.nii.gz", labels, affine, table, f"{src.package}: aseg.mgz")
+        raise FetchError(f"{package}: aseg.mgz has ids without a FreeSurferColorLUT name here: {unknown}")
+    return {i: ASEG_NAMES[i] for i in sorted(present)}
 
 
 def convert_icbm152(src: Source, out: Path) -> None:
