@@ -14,7 +14,7 @@ for path in (ROOT, ROOT / "DeepRegistration"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from DeepRegistrationLib.core import warp  # noqa: E402
+from DeepRegistrationLib.core import padding, warp  # noqa: E402
 from training.data.phantom import ellipsoid_labels, phantom_image  # noqa: E402,F401  (re-exported for tests)
 
 
@@ -92,6 +92,46 @@ def optimise_on_pair(net: torch.nn.Module, data: dict, steps: int, lr: float,
     return {"first": first, "final": final, "output": out,
             "dice_before": label_dice(data["moving_labels"], data["fixed_labels"]),
             "dice_after": label_dice(warp.warp_labels(data["moving_labels"], out.displacement), data["fixed_labels"])}
+
+
+def conv_parameters(cin: int, cout: int, k: int = 3, bias: bool = True) -> int:
+    """Parameters of a k×k×k convolution (transposed alike) from `cin` to `cout` channels."""
+    return cin * cout * k**3 + (cout if bias else 0)
+
+
+def assert_parameter_count(net: torch.nn.Module, expected: int, name: str) -> None:
+    """`net` has exactly the `expected` parameters (counted from its architecture by the caller)."""
+    count = sum(p.numel() for p in net.parameters())
+    print(f"{name} parameters: {count}")
+    assert count == expected
+
+
+def forward_on_padded_odd_grid(net: torch.nn.Module, shape: tuple[int, int, int], grid: tuple[int, int, int]):
+    """`net` on a random pair of the odd `shape` padded to its multiple, which must give `grid`; the displacement
+    must cover `grid`, be finite and crop back to `shape`. Returns the output for the method's own checks."""
+    fixed, moving = (padding.pad_to_multiple(x, net.multiple) for x in random_pair(shape))
+    assert tuple(fixed.shape[2:]) == grid
+    with torch.no_grad():
+        out = net(fixed, moving)
+    assert out.displacement.shape == (1, 3, *grid)
+    assert torch.isfinite(out.displacement).all()
+    assert padding.crop_to_shape(out.displacement, shape).shape == (1, 3, *shape)
+    return out
+
+
+def zero_output_layers(net: torch.nn.Module) -> torch.nn.Module:
+    """`net` with the weights and biases of its `output_layers` (those whose zero output is the identity) zeroed."""
+    for layer in net.output_layers:
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    return net
+
+
+def assert_gradients_reach_every_parameter(net: torch.nn.Module, batch: dict) -> None:
+    """One backward pass of `net`'s total loss on `batch` gives every parameter a non-zero (and not NaN) gradient."""
+    net.loss(net(batch["fixed"], batch["moving"]), batch)["total"].backward()
+    missing = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,13 @@ import math
 import pytest
 import torch
 
-from DeepRegistrationLib.core import losses, padding, warp
+from DeepRegistrationLib.core import losses, warp
 from DeepRegistrationLib.methods import registry
 from DeepRegistrationLib.methods.networks import jad
 
-from conftest import ellipsoid_labels, phantom_image
-from conftest import optimise_on_pair, random_pair as pair
+from conftest import assert_gradients_reach_every_parameter, assert_parameter_count, conv_parameters as conv
+from conftest import ellipsoid_labels, forward_on_padded_odd_grid, phantom_image, random_pair as pair
+from conftest import zero_output_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,9 +47,7 @@ def test_paper_defaults():
 
 
 def test_parameter_count_from_architecture():
-    def conv(cin: int, cout: int, k: int = 3) -> int:  # kernel k³ with bias (transposed convolutions alike)
-        return cin * cout * k**3 + cout
-
+    # conv(cin, cout, k): kernel k³ with bias (transposed convolutions alike)
     def block(cin: int, cout: int) -> int:  # convolution → LeakyReLU → BatchNorm (weight and bias)
         return conv(cin, cout) + 2 * cout
 
@@ -63,36 +62,23 @@ def test_parameter_count_from_architecture():
                + conv(32, 32, 2) + residual(64, 32)  # 1/2
                + conv(32, 16, 2) + residual(32, 16)  # full grid, 16-channel skip
                + conv(16, 3))
-    expected = encoder + affine_head + dilated + decoder
-    count = sum(p.numel() for p in jad.Network(jad.Config()).parameters())
-    print(f"JAD parameters: {count}")
-    assert count == expected
+    assert_parameter_count(jad.Network(jad.Config()), encoder + affine_head + dilated + decoder, "JAD")
 
 
 def test_shapes_and_finiteness_on_padded_odd_grid():
     net = jad.Network(jad.Config())
-    shape = (13, 21, 9)
-    fixed, moving = (padding.pad_to_multiple(x, net.multiple) for x in pair(shape))
-    grid = tuple(fixed.shape[2:])
-    assert grid == (16, 24, 16)
+    grid = (16, 24, 16)
     for mode in (net.train, net.eval):
         mode()
-        out = net(fixed, moving)
-        assert out.displacement.shape == (1, 3, *grid) and out.affine.shape == (1, 3, 4)
-        assert out.velocity is None
-        assert torch.isfinite(out.displacement).all() and torch.isfinite(out.affine).all()
+        out = forward_on_padded_odd_grid(net, (13, 21, 9), grid)
+        assert out.affine.shape == (1, 3, 4) and out.velocity is None
+        assert torch.isfinite(out.affine).all()
         for value in out.levels[0].values():
             assert value.shape[2:] == grid and torch.isfinite(value).all()
-    assert padding.crop_to_shape(out.displacement, shape).shape == (1, 3, *shape)
 
 
 def test_zero_output_layers_give_identity():
-    net = jad.Network(jad.Config())
-    for layer in net.output_layers:
-        torch.nn.init.zeros_(layer.weight)
-        torch.nn.init.zeros_(layer.bias)
-    fixed, moving = pair((16, 16, 16))
-    out = net(fixed, moving)
+    out = zero_output_layers(jad.Network(jad.Config()))(*pair((16, 16, 16)))
     torch.testing.assert_close(out.affine, torch.eye(3, 4)[None])
     assert out.displacement.abs().max() < 1e-5
     assert out.levels[0]["deformable"].abs().max() == 0
@@ -170,13 +156,10 @@ def test_loss_terms_follow_eq5():
 
 def test_gradients_reach_every_parameter():
     net = jad.Network(jad.Config())
-    shape = (16, 16, 16)
-    labels = ellipsoid_labels(shape)
-    fixed, moving = pair(shape)
-    batch = {"fixed": fixed, "moving": moving, "fixed_labels": labels, "moving_labels": labels}
-    net.loss(net(fixed, moving), batch)["total"].backward()
-    missing = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert not missing
+    labels = ellipsoid_labels((16, 16, 16))
+    fixed, moving = pair((16, 16, 16))
+    assert_gradients_reach_every_parameter(
+        net, {"fixed": fixed, "moving": moving, "fixed_labels": labels, "moving_labels": labels})
 
 
 def test_affine_head_recovers_a_known_affine():
@@ -202,23 +185,6 @@ def test_affine_head_recovers_a_known_affine():
           f"max {float(start.max()):.2f} → {float(error.max()):.2f}")
     assert error.mean() < 0.3 and error.max() < 0.8
     torch.testing.assert_close(affine[:, :, :3], truth[:, :, :3], atol=0.03, rtol=0)
-
-
-def test_short_optimisation_lowers_loss_and_raises_dice(toy_pair):
-    r = optimise_on_pair(jad.Network(jad.Config()), toy_pair((32, 32, 32), magnitude=3.0), steps=16, lr=1e-3,
-                         keys=("fixed", "moving", "fixed_labels", "moving_labels"))
-    print(f"JAD loss {r['first']:.4f} → {r['final']:.4f}; Dice {r['dice_before']:.4f} → {r['dice_after']:.4f}")
-    assert r["final"] < r["first"] - 0.03
-    assert r["dice_after"] > r["dice_before"] + 0.01
-
-def test_autocast_keeps_transforms_in_float32():
-    net = jad.Network(jad.Config())
-    fixed, moving = pair((16, 16, 16))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = net(fixed, moving)
-        terms = net.loss(out, {"fixed": fixed, "moving": moving})
-    assert out.displacement.dtype == out.affine.dtype == terms["total"].dtype == torch.float32
-    assert torch.isfinite(out.displacement).all() and torch.isfinite(terms["total"])
 
 
 def test_velocity_output_when_integration_is_requested():
