@@ -71,6 +71,8 @@ class DeepRegistrationParameterNode:
     movingLandmarks: vtkMRMLMarkupsFiducialNode
     mask: LabelNode
     method: str = "lapirn"  # registry.DEFAULT_METHOD (the backend is not importable before its install)
+    preset: Annotated[str, Choice(["fast", "balanced", "accurate"])] = "balanced"  # refine_settings.PRESETS
+    refinement: str = "{}"  # JSON {setting: value}: overrides of the preset's refinement settings
     methodParameters: str = "{}"  # JSON {method: {config field: value}}, edited through the generated panel
     weights: str = ""  # empty: the shipped model of the method
     device: str = "auto"
@@ -470,8 +472,9 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         p = self._parameterNode
         values = {name: getattr(p, _camel(name)) for name in RegistrationOptions.__dataclass_fields__
-                  if name not in ("parameters", "weights")}
-        return RegistrationOptions(parameters=self.methodOverrides(), weights=p.weights or None, **values)
+                  if name not in ("parameters", "refinement", "weights")}
+        return RegistrationOptions(parameters=self.methodOverrides(), refinement=json.loads(p.refinement or "{}"),
+                                   weights=p.weights or None, **values)
 
     def start(self) -> None:
         """Read the inputs, start the worker on them; nothing in the scene changes until it succeeded."""

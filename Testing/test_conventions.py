@@ -9,7 +9,7 @@ import SimpleITK as sitk
 import torch
 
 from DeepRegistrationLib.core import warp
-from DeepRegistrationLib.engine.registration import _compose_ras
+from DeepRegistrationLib.engine.transforms import compose_ras
 from DeepRegistrationLib.core.field import DisplacementField, apply_field, read_itk_displacement, write_itk_displacement
 from DeepRegistrationLib.core.geometry import RAS_FROM_LPS, Grid
 from DeepRegistrationLib.core.image import Image, image_to_sitk, read_image, write_image
@@ -126,7 +126,7 @@ def test_composition_equals_sequential_warping():
 
 
 def test_field_and_affine_compose_in_both_orders_on_another_grid():
-    """The engine's pre-alignment compositions, against point mapping: p ↦ T(p + d(p)) (`_compose_ras`, forward) and
+    """The engine's pre-alignment compositions, against point mapping: p ↦ T(p + d(p)) (`compose_ras`, forward) and
     q ↦ T(q) + d(T(q)) (`after_affine`, inverse), from an oblique working grid onto a differently shaped one."""
     source = oblique_grid()
     target = centred_grid((14, 12, 10), (1.5, 1.6, 1.4), rotation(1, 25))
@@ -135,7 +135,7 @@ def test_field_and_affine_compose_in_both_orders_on_another_grid():
     t[:3, :3] = rotation(2, 8) @ np.diag([1.05, 0.97, 1.0])
     t[:3, 3] = [2.0, -1.5, 1.0]
     p = target.world_coordinates().reshape(-1, 3)
-    forward = _compose_ras(d, t, target).data.reshape(-1, 3)
+    forward = compose_ras(d, t, target).data.reshape(-1, 3)
     assert np.abs(p + forward - ((d.map_points(p)) @ t[:3, :3].T + t[:3, 3])).max() < 1e-4
     tp = p @ t[:3, :3].T + t[:3, 3]
     inverse_order = d.after_affine(t, target).data.reshape(-1, 3)

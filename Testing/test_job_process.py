@@ -59,7 +59,8 @@ def pair_job(tmp_path_factory) -> RegistrationJob:
     weights = models.save_model(net, "lapirn", tmp_path_factory.mktemp("w") / "tiny.safetensors")
     shifted = np.roll(image, 1, axis=0)
     return RegistrationJob(Image(image, grid, "fixed"), Image(shifted, grid, "moving"),
-                           RegistrationOptions(method="lapirn", weights=str(weights), device="cpu"))
+                           RegistrationOptions(method="lapirn", preset="fast", weights=str(weights),
+                                               device="cpu"))
 
 
 def start(job: RegistrationJob, backend, tmp_path: Path):
@@ -79,7 +80,7 @@ def test_a_run_reports_progress_then_one_done_with_the_result(pair_job, tmp_path
     [outcome] = events["finished"]
     assert outcome.status == "done" and outcome.result.metrics.run.method == "lapirn"
     assert outcome.result.field.grid.same_as(pair_job.fixed.grid)
-    assert [stage for stage, _ in events["progress"]][:2] == ["preprocessing", "resampling"]
+    assert [stage for stage, _ in events["progress"]][:2] == ["preprocessing", "network"]
     assert "not json" in events["log"]
     assert not process.running and not process.folder.exists()
     process.exited(0)  # a second end (QProcess's errorOccurred after finished) is ignored
@@ -97,7 +98,8 @@ def test_cancel_before_the_worker_looks_ends_cancelled(pair_job, tmp_path):
 
 def test_bad_input_ends_failed_with_the_workers_message(pair_job, tmp_path):
     bad = RegistrationJob(pair_job.fixed, pair_job.moving,
-                          RegistrationOptions(method="lapirn", weights=str(tmp_path / "missing.safetensors")))
+                          RegistrationOptions(method="lapirn", preset="fast",
+                                              weights=str(tmp_path / "missing.safetensors")))
     backend = InProcessBackend()
     process, events = start(bad, backend, tmp_path)
     backend.run(process)

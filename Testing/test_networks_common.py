@@ -15,7 +15,7 @@ from DeepRegistrationLib.core import warp
 from DeepRegistrationLib.core.padding import crop_to_shape, pad_to_multiple
 from conftest import optimise_on_pair, random_pair
 
-METHODS = sorted(registry.METHODS)
+METHODS = sorted(registry.network_names())
 
 
 @pytest.fixture(scope="module", params=METHODS)

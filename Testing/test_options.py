@@ -39,6 +39,9 @@ def test_every_option_has_a_parameter_node_field_with_its_default():
         if f.name == "parameters":  # stored per method as JSON, edited through the generated panel
             assert node["methodParameters"] == "{}"
             continue
+        if isinstance(default(f), dict):  # other dict options: JSON text
+            assert node[camel(f.name)] == "{}", f.name
+            continue
         assert camel(f.name) in node, f"the parameter node lacks {camel(f.name)} for option {f.name}"
         expected = "" if f.name == "weights" else default(f)  # the node stores "no weights file" as ""
         assert node[camel(f.name)] == expected, f.name
@@ -49,16 +52,19 @@ def test_every_option_is_a_command_line_flag_with_its_default_and_help():
     register = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("register"))
     flags = {action.dest: action for action in register._actions}
     for f in fields(RegistrationOptions):
-        dest = "set" if f.name == "parameters" else f.name
+        dest = "set" if isinstance(default(f), dict) else f.name  # dict options: --set KEY=VALUE, refine.KEY=VALUE
         assert dest in flags, f.name
-        assert f.metadata["help"] in (flags[dest].help or "")
-        if f.name != "parameters":
+        if dest != "set" or f.name == "parameters":
+            assert f.metadata["help"] in (flags[dest].help or "")
+        if dest != "set":
             assert flags[dest].default == default(f)
             assert flags[dest].choices == f.metadata.get("choices")
     args = parser.parse_args(["register", "--fixed", "f", "--moving", "m", "--output-dir", "o", "--seed", "3",
-                              "--instance-optimization", "5", "--set", "int_steps=4", "--prealign", "moments"])
+                              "--instance-optimization", "5", "--set", "int_steps=4", "--prealign", "moments",
+                              "--preset", "fast", "--set", "refine.lr=0.2"])
     assert cli.options_from_args(args) == RegistrationOptions(seed=3, instance_optimization=5,
-                                                              parameters={"int_steps": 4}, prealign="moments")
+                                                              parameters={"int_steps": 4}, prealign="moments",
+                                                              preset="fast", refinement={"lr": 0.2})
 
 
 def test_options_survive_the_job_file(tmp_path):

@@ -208,7 +208,8 @@ def build_scene(data):
 
 
 def lapirn(**options) -> RegistrationOptions:
-    return RegistrationOptions(method="lapirn", **options)
+    """The network alone (preset fast): these tests are about the MRML logic around the engine."""
+    return RegistrationOptions(method="lapirn", preset="fast", **options)
 
 
 def run(nodes, weights, **kwargs):

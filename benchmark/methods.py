@@ -15,7 +15,7 @@ import numpy as np
 from DeepRegistrationLib.core.errors import InputError
 from DeepRegistrationLib.core.field import DisplacementField
 from DeepRegistrationLib.core.image import Image
-from DeepRegistrationLib.methods.registry import METHODS
+from DeepRegistrationLib.methods.registry import METHODS, OPTIMISE
 
 from .suite import Manifest, PairSpec
 
@@ -40,19 +40,28 @@ class Method:
                 "settings": self.settings}
 
 
-def network_method(name: str) -> Method:
+BENCHMARK_PRESETS = ("fast", "balanced")
+"""The presets every shipped network runs with; `optimise` (no network) runs with balanced and accurate."""
+
+
+def network_method(name: str, preset: str = "fast") -> Method:
+    """A registry method run by the engine with `preset`; named `<method>` for fast, `<method>@<preset>` else."""
     spec = METHODS[name]
-    return Method(name, "network", spec.modality == "mono")
+    label = name if preset == "fast" else f"{name}@{preset}"
+    return Method(label, "network", spec.modality == "mono", {"method": name, "preset": preset})
 
 
 def available_methods(manifest: Manifest, names: list[str] | None = None) -> list[Method]:
-    """Identity, each registry method whose weights are shipped, and the manifest's classical methods.
+    """Identity, each registry network whose weights are shipped with every preset of `BENCHMARK_PRESETS`, the
+    per-pair optimisation alone (`optimise@balanced`, `optimise@accurate`), and the manifest's classical methods.
 
     With `names`, exactly those (an unknown name, or a network without weights, is an InputError).
     """
     known = {IDENTITY: Method(IDENTITY, "identity")}
-    shipped = [n for n, spec in METHODS.items() if spec.weights_path.is_file()]
-    known.update({n: network_method(n) for n in shipped})
+    shipped = [n for n, spec in METHODS.items() if spec.is_network and spec.weights_path.is_file()]
+    for preset in BENCHMARK_PRESETS:
+        known.update({m.name: m for m in (network_method(n, preset) for n in shipped)})
+    known.update({m.name: m for m in (network_method(OPTIMISE, p) for p in ("balanced", "accurate"))})
     known.update({n: Method(n, "classical", bool(s.get("monomodal_only")), s) for n, s in manifest.classical.items()})
     if not names:
         return list(known.values())
@@ -64,11 +73,12 @@ def available_methods(manifest: Manifest, names: list[str] | None = None) -> lis
 
 
 def network_options(method: Method, modalities: tuple[str, str], device: str, weights: str | None):
-    """The `RegistrationOptions` a network runs with in the benchmark: its shipped (or given) model as is."""
+    """The `RegistrationOptions` a registry method runs with in the benchmark: its shipped (or given) model as is,
+    its preset's refinement settings unchanged."""
     from DeepRegistrationLib.engine.options import RegistrationOptions
 
-    return RegistrationOptions(method=method.name, weights=weights, device=device, fixed_modality=modalities[0],
-                               moving_modality=modalities[1])
+    return RegistrationOptions(method=method.settings["method"], preset=method.settings["preset"], weights=weights,
+                               device=device, fixed_modality=modalities[0], moving_modality=modalities[1])
 
 
 def run_method(method: Method, fixed: Image, moving: Image, modalities: tuple[str, str], threads: int,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from DeepRegistrationLib.core.errors import InputError
-from DeepRegistrationLib.methods.registry import METHODS
+from DeepRegistrationLib.methods.registry import network_names
 
 from .methods import Method, available_methods, network_method
 from .records import OUTPUT_DIR, machine_info
@@ -31,9 +31,9 @@ REFERENCE = "ants_syn"
 def speed_methods(manifest: Manifest, names: list[str] | None, random_weights: bool) -> list[Method]:
     """The networks to time (shipped weights; with `random_weights` every registry network), then ANTs SyN."""
     if random_weights:
-        networks = [network_method(n) for n in METHODS]
+        networks = [network_method(n) for n in network_names()]
     else:
-        networks = [m for m in available_methods(manifest) if m.kind == "network"]
+        networks = [m for m in available_methods(manifest) if m.kind == "network"]  # every preset, optimise
     if names:
         unknown = sorted(set(names) - {m.name for m in networks})
         if unknown:

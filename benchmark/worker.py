@@ -65,7 +65,7 @@ def _run(job: dict[str, Any], out: Path, start: float) -> dict[str, Any]:
     from .methods import Method
 
     method = Method(**job["method"])
-    weights = _random_weights(method.name, out) if job.get("random_weights") else None
+    weights = _random_weights(method.settings["method"], out) if job.get("random_weights") else None
     try:
         return _timed(job, method, weights, out, start)
     finally:
@@ -105,7 +105,10 @@ def _preload(method: Method) -> None:
         import DeepRegistrationLib.engine.registration  # noqa: F401
         from DeepRegistrationLib.methods.registry import get_method
 
-        get_method(method.name).network_class  # noqa: B018  (imports the network's module)
+        spec = get_method(method.settings["method"])
+        if spec.is_network:
+            spec.network_class  # noqa: B018  (imports the network's module)
+        import DeepRegistrationLib.engine.refine  # noqa: F401
     elif tool == "ants":
         import ants  # noqa: F401
     elif tool == "elastix":

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..core.params import param
 from ..methods.registry import DEFAULT_METHOD
+from .refine_settings import DEFAULT_PRESET, PRESETS
 
 PREALIGN_CHOICES = ("none", "moments", "jad")
 MODALITIES = ("mr", "ct")
@@ -21,7 +22,13 @@ MODALITIES = ("mr", "ct")
 class RegistrationOptions:
     """How to register one pair (inputs — images, labels, landmarks, mask — are passed beside it)."""
 
-    method: str = param(DEFAULT_METHOD, "registration method (a registry name; `deepregistration methods`)")
+    method: str = param(DEFAULT_METHOD, "registration method (a registry name; `deepregistration methods`); "
+                                        "'optimise' is the refinement alone, from the identity")
+    preset: str = param(DEFAULT_PRESET, "fast: the network alone; balanced: rigid/affine, the network, then a "
+                                        "deformable refinement of the pair; accurate: more refinement levels and "
+                                        "steps", choices=tuple(PRESETS))
+    refinement: dict[str, Any] = param({}, "overrides of the preset's refinement settings "
+                                           "(engine/refine_settings.RefineSettings), e.g. iterations=[80,20]")
     weights: str | None = param(None, "weights file (.safetensors with its JSON beside it); none: the method's "
                                       "shipped model")
     parameters: dict[str, Any] = param({}, "overrides of the method's inference-time config fields, e.g. "

@@ -14,7 +14,7 @@ import tempfile
 import typing
 import warnings
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -122,14 +122,14 @@ def _model_summary(spec) -> dict[str, Any] | None:
 def cmd_methods(args: argparse.Namespace) -> int:
     rows = []
     for spec in METHODS.values():
-        rows.append({"name": spec.name, "paper": spec.paper, "modality": spec.modality,
+        rows.append({"name": spec.name, "paper": spec.paper, "modality": spec.modality, "network": spec.is_network,
                      "shipped_model": _model_summary(spec), "default": spec.name == DEFAULT_METHOD})
     if args.json:
         print(json.dumps(strict_json(rows), indent=2))
     else:
         for r in rows:
             m = r["shipped_model"]
-            model = "no model shipped"
+            model = "no model shipped" if r["network"] else "no network: needs no weights"
             if m:
                 model = f"{m['working_spacing_mm']:g} mm, {m['iterations']} it."
                 if m["validation_dice"] is not None:
@@ -139,23 +139,52 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+REFINE_PREFIX = "refine."
+"""`--set refine.KEY=VALUE` overrides a refinement setting; any other `--set KEY=VALUE` a method config field."""
+
+
 def options_from_args(args: argparse.Namespace) -> RegistrationOptions:
     """The `RegistrationOptions` of the flags `add_option_flags` declared."""
-    values = {f.name: getattr(args, f.name) for f in fields(RegistrationOptions) if f.name != "parameters"}
-    return RegistrationOptions(parameters=_parse_sets(args.set), **values)
+    values = {f.name: getattr(args, f.name) for f in fields(RegistrationOptions)
+              if f.name not in ("parameters", "refinement")}
+    sets = _parse_sets(args.set)
+    refinement = {k[len(REFINE_PREFIX):]: v for k, v in sets.items() if k.startswith(REFINE_PREFIX)}
+    parameters = {k: v for k, v in sets.items() if not k.startswith(REFINE_PREFIX)}
+    return RegistrationOptions(parameters=parameters, refinement=refinement, **values)
 
 
-def _register(args: argparse.Namespace, fixed_path: Path, moving_path: Path) -> RegistrationResult:
-    options = options_from_args(args)
+def _guidance(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray] | None:
+    if (args.fixed_guidance is None) != (args.moving_guidance is None):
+        raise InputError("give both --fixed-guidance and --moving-guidance, or neither")
+    if args.fixed_guidance is None:
+        return None
+    _, fixed_pts, moving_pts = match_landmarks(read_landmarks(args.fixed_guidance),
+                                               read_landmarks(args.moving_guidance))
+    return fixed_pts, moving_pts
+
+
+def _masks(args: argparse.Namespace, fixed: Image, moving: Image) -> tuple[Image | None, Image | None]:
+    """The fixed and moving masks (label maps on their image's grid; nonzero inside)."""
+    fixed_mask = read_labels(args.fixed_mask, like=fixed) if args.fixed_mask else None
+    moving_mask = read_labels(args.moving_mask, like=moving) if args.moving_mask else None
+    return fixed_mask, moving_mask
+
+
+def _register(args: argparse.Namespace, fixed_path: Path, moving_path: Path,
+              options: RegistrationOptions | None = None) -> RegistrationResult:
+    options = options or options_from_args(args)
     get_method(options.method)
     fixed, moving = read_image(fixed_path), read_image(moving_path)
     fixed_labels, moving_labels = _labels(args, fixed, moving)
+    fixed_mask, moving_mask = _masks(args, fixed, moving)
     fixed_pts, moving_pts = _landmarks(args)
+    guidance = _guidance(args)
     progress = _Progress(args.quiet)
     try:
         with staged_output(Path(args.output_dir)) as out:
             result = register(fixed, moving, options, fixed_labels=fixed_labels, moving_labels=moving_labels,
-                              fixed_points=fixed_pts, moving_points=moving_pts, progress=progress)
+                              fixed_points=fixed_pts, moving_points=moving_pts, guidance=guidance,
+                              fixed_mask=fixed_mask, moving_mask=moving_mask, progress=progress)
             progress.close()
             write_outputs(result, out)
             if args.report:
@@ -202,15 +231,37 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """The sample pair with the requested preset (default balanced); printed beside the network alone ("fast")."""
     args.fixed_labels = str(SAMPLE_DIR / "fixed_labels.nii.gz")
     args.moving_labels = str(SAMPLE_DIR / "moving_labels.nii.gz")
     args.fixed_landmarks = str(SAMPLE_DIR / "fixed_landmarks.fcsv")
     args.moving_landmarks = str(SAMPLE_DIR / "moving_landmarks.fcsv")
-    if not args.quiet and not args.json:
-        print(f"Registering the sample pair in {SAMPLE_DIR} with {args.method}...")
-    result = _register(args, SAMPLE_DIR / "fixed.nii.gz", SAMPLE_DIR / "moving.nii.gz")
+    args.fixed_mask = args.moving_mask = args.fixed_guidance = args.moving_guidance = None
+    options = options_from_args(args)
+    text = not args.quiet and not args.json
+    if text:
+        print(f"Registering the sample pair in {SAMPLE_DIR} with {options.method}...")
+    result = _register(args, SAMPLE_DIR / "fixed.nii.gz", SAMPLE_DIR / "moving.nii.gz", options)
+    if text and options.preset != "fast" and get_method(options.method).is_network:
+        fast_args = argparse.Namespace(**{**vars(args), "output_dir": str(Path(args.output_dir) / "fast")})
+        fast = _register(fast_args, SAMPLE_DIR / "fixed.nii.gz", SAMPLE_DIR / "moving.nii.gz",
+                         replace(options, preset="fast", refinement={}))
+        print("\n".join(side_by_side({"fast": fast.metrics, options.preset: result.metrics})))
+        print(f"outputs in {Path(args.output_dir).resolve()} (fast: {Path(fast_args.output_dir).resolve()})")
+        return 0
     _print_result(args, result.metrics, Path(args.output_dir))
     return 0
+
+
+def side_by_side(columns: dict[str, Metrics]) -> list[str]:
+    """`summary_lines` of several registrations of one pair as columns under their names."""
+    rows = [summary_lines(m) for m in columns.values()]
+    labels = [line[:17] for line in rows[0]]
+    width = max(len(line) - 17 for r in rows for line in r) + 2
+    lines = [" " * 17 + "".join(f"{name:<{width}}" for name in columns)]
+    for i, label in enumerate(labels):
+        lines.append(label + "".join(f"{r[i][17:] if i < len(r) else '':<{width}}" for r in rows))
+    return lines
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -236,8 +287,11 @@ def _add_inputs(p: argparse.ArgumentParser, images: bool = True) -> None:
         p.add_argument("--moving", required=True, help="moving image")
     p.add_argument("--fixed-labels", help="label map on the fixed image's grid")
     p.add_argument("--moving-labels", help="label map on the moving image's grid")
-    p.add_argument("--fixed-landmarks", help="Slicer .fcsv, markups .json or CSV x,y,z (RAS mm)")
+    p.add_argument("--fixed-landmarks", help="Slicer .fcsv, markups .json or CSV x,y,z (RAS mm); scored (TRE)")
     p.add_argument("--moving-landmarks", help="matched to the fixed landmarks by label, else by order")
+    p.add_argument("--fixed-mask", help="label map on the fixed grid: the refinement compares the images only "
+                                        "inside it (nonzero), and det J is also reported inside it")
+    p.add_argument("--moving-mask", help="label map on the moving grid: the refinement compares only inside it")
 
 
 def add_option_flags(p: argparse.ArgumentParser) -> None:
@@ -247,7 +301,10 @@ def add_option_flags(p: argparse.ArgumentParser) -> None:
     for f in fields(RegistrationOptions):
         meta = f.metadata
         if f.name == "parameters":
-            p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=meta["help"])
+            p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help=f"{meta['help']}; refine.KEY=VALUE: a refinement setting (preset override)")
+            continue
+        if f.name == "refinement":  # given as --set refine.KEY=VALUE
             continue
         kind = hints[f.name] if hints[f.name] in (int, float) else str
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default,
@@ -256,6 +313,10 @@ def add_option_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_run_options(p: argparse.ArgumentParser, output_required: bool) -> None:
     add_option_flags(p)
+    p.add_argument("--fixed-guidance", help="guidance landmarks (same formats as --fixed-landmarks): matched pairs "
+                                            "placed where the warp is wrong, pulled together by the refinement; "
+                                            "never scored")
+    p.add_argument("--moving-guidance", help="the moving partners of --fixed-guidance")
     p.add_argument("--output-dir", required=output_required, default=None if output_required else "output/demo")
     p.add_argument("--report", action="store_true", help="also write report.html with QA figures")
 

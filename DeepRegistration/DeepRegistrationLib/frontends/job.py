@@ -32,8 +32,10 @@ class RegistrationJob:
     """Everything one registration needs, in backend types (RAS mm, arrays [i, j, k]).
 
     `fixed_labels`/`moving_labels` lie on the grids of `fixed`/`moving` with matching label values;
-    `fixed_points`/`moving_points` are matched rows of RAS mm landmarks; `mask` (on the fixed grid, nonzero inside)
-    is the region where Jacobian statistics are also reported; it does not change what the network sees.
+    `fixed_points`/`moving_points` are matched rows of RAS mm landmarks that score the result;
+    `guidance_fixed_points`/`guidance_moving_points` matched landmarks that steer the refinement;
+    `fixed_mask`/`moving_mask` (on their image's grid, nonzero inside) restrict the refinement's similarity, and
+    det J is also reported inside `fixed_mask`.
     """
 
     fixed: Image
@@ -43,11 +45,20 @@ class RegistrationJob:
     moving_labels: Image | None = None
     fixed_points: np.ndarray | None = None
     moving_points: np.ndarray | None = None
-    mask: Image | None = None
+    guidance_fixed_points: np.ndarray | None = None
+    guidance_moving_points: np.ndarray | None = None
+    fixed_mask: Image | None = None
+    moving_mask: Image | None = None
+
+    @property
+    def guidance(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.guidance_fixed_points is None:
+            return None
+        return self.guidance_fixed_points, self.guidance_moving_points
 
 
-_IMAGES = ("fixed", "moving", "fixed_labels", "moving_labels", "mask")
-_POINTS = ("fixed_points", "moving_points")
+_IMAGES = ("fixed", "moving", "fixed_labels", "moving_labels", "fixed_mask", "moving_mask")
+_POINTS = ("fixed_points", "moving_points", "guidance_fixed_points", "guidance_moving_points")
 
 
 def run_job(job: RegistrationJob, progress: Progress | None = None, cancel: Callable[[], bool] | None = None):
@@ -58,7 +69,8 @@ def run_job(job: RegistrationJob, progress: Progress | None = None, cancel: Call
 
     return register(job.fixed, job.moving, job.options, fixed_labels=job.fixed_labels,
                     moving_labels=job.moving_labels, fixed_points=job.fixed_points,
-                    moving_points=job.moving_points, mask=job.mask, progress=progress, cancel=cancel)
+                    moving_points=job.moving_points, guidance=job.guidance, fixed_mask=job.fixed_mask,
+                    moving_mask=job.moving_mask, progress=progress, cancel=cancel)
 
 
 def method_config(method: str, parameters: dict[str, Any] | None = None, weights: str | None = None):
@@ -78,8 +90,8 @@ def method_config(method: str, parameters: dict[str, Any] | None = None, weights
 
 def estimate_memory(options: RegistrationOptions, fixed_grid: Grid) -> int:
     """Estimated peak bytes of registering onto `fixed_grid` (network probe scaled to the working grid)."""
-    from ..engine.registration import working_grid
     from ..engine.resources import estimate_peak_bytes
+    from ..engine.transforms import working_grid
     from ..methods.registry import get_method
 
     config = method_config(options.method, options.parameters, options.weights)

@@ -399,7 +399,7 @@ class MRMLLogic:
             prepared.landmarkLabels = labels
             prepared.inputNodes += [fixedLandmarks, movingLandmarks]
         if mask is not None:
-            job.mask = mask_from_node(mask, fixedVolumeNode, fixed)
+            job.fixed_mask = mask_from_node(mask, fixedVolumeNode, fixed)
             prepared.inputNodes.append(mask)
         return prepared
 

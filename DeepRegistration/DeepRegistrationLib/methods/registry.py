@@ -26,10 +26,15 @@ class MethodSpec:
     name: str
     paper: str
     modality: str  # "mono" or "multi"
-    module: str  # module under DeepRegistrationLib.networks defining `Config` and `Network`
+    module: str | None  # module under methods.networks defining `Config` and `Network`; None: no network
     training_needs_labels: bool
     diffeomorphic: bool
     has_affine: bool = False
+
+    @property
+    def is_network(self) -> bool:
+        """False for the per-pair optimisation, which has no network and needs no weights."""
+        return self.module is not None
 
     @property
     def config_class(self) -> type[MethodConfig]:
@@ -52,12 +57,19 @@ METHODS: dict[str, MethodSpec] = {}
 
 DEFAULT_METHOD = "lapirn"
 """The method `deepregistration demo` and the Slicer module start with."""
+OPTIMISE = "optimise"
+"""The per-pair optimisation alone: a registry method with no network (the refinement from the identity)."""
 
 
 def add_method(spec: MethodSpec) -> MethodSpec:
     """Add `spec` to `METHODS` (by its name)."""
     METHODS[spec.name] = spec
     return spec
+
+
+def network_names() -> list[str]:
+    """The registry's methods that are networks (with weights to train and ship), in registry order."""
+    return [name for name, spec in METHODS.items() if spec.is_network]
 
 
 def get_method(name: str) -> MethodSpec:
@@ -87,6 +99,9 @@ for _spec in (
                "mmln", training_needs_labels=False, diffeomorphic=True),
     MethodSpec("macjnet", "Zhou et al. 2023, macJNet: weakly-supervised multimodal registration with macMIND",
                "multi", "macjnet", training_needs_labels=True, diffeomorphic=True),
+    MethodSpec(OPTIMISE, "per-pair optimisation without a network: rigid, affine, then a stationary velocity field "
+               "(engine/refine.py, docs/REFINEMENT.md)", "multi", None, training_needs_labels=False,
+               diffeomorphic=True, has_affine=True),
 ):
     add_method(_spec)
 del _spec
