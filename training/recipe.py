@@ -56,7 +56,7 @@ class DataSpec:
     magnitude_mm: float = 6.0
     warps: str = "random"
     fieldbank: str = "data/fieldbank"
-    bank_scale: list[float] = field(default_factory=lambda: [0.8, 1.2])
+    bank_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
     ct_head: bool = False
     affine: bool = False
     pool: int = 0

@@ -217,7 +217,7 @@ class FieldBank:
             raise InputError(f"{path}: the field bank holds no fields")
         self.spacing, self.shape = spacing, tuple(shape)
 
-    def velocity(self, generator: torch.Generator, scale: Sequence[float] = (0.8, 1.2), magnitude_mm: float = 4.0,
+    def velocity(self, generator: torch.Generator, scale: Sequence[float] = (0.6, 1.0), magnitude_mm: float = 4.0,
                  affine: bool = False) -> torch.Tensor:
         """A training velocity [1, 3, I, J, K] in voxels (module docstring)."""
         v = self.fields[int(torch.randint(len(self.fields), (), generator=generator))]
@@ -236,7 +236,7 @@ def p95_mm(velocity: torch.Tensor, spacing: float, mask: torch.Tensor | None = N
 
 
 def measure(path: str | Path | None, anatomy_dir: Path, spacing: float = 4.0, shape=(48, 56, 48), draws: int = 20,
-            scale: Sequence[float] = (0.8, 1.2), magnitude_mm: float = 4.0) -> dict[str, float]:
+            scale: Sequence[float] = (0.6, 1.0), magnitude_mm: float = 4.0) -> dict[str, float]:
     """Mean 95th-percentile |u| (mm, inside the ICBM152 brain) of random SVFs (peak 6 and 10 mm, with the
     affine part) and, with a bank, of the bank's fields and of `draws` training draws from it."""
     from ..datasets import load_subject

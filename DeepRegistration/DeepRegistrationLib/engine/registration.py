@@ -30,6 +30,7 @@ from ..methods.networks.base import RegistrationNetwork, RegistrationOutput
 from .evaluation import check_landmarks, check_mask, evaluate
 from .options import PREALIGN_CHOICES, RegistrationOptions
 from .resources import available_bytes, estimate_peak_bytes, resolve_device
+from .roles import inverted, roles_swapped
 from .results import RegistrationResult, RunInfo
 
 Progress = Callable[[str, float], None]
@@ -200,10 +201,10 @@ def register(fixed: Image, moving: Image, options: RegistrationOptions | None = 
     net, meta = load_model(method, options.weights, options.parameters or None)
     modalities = (options.fixed_modality, options.moving_modality)
     trained = trained_modalities(meta)
-    if trained is not None and trained != modalities:
-        swap = " (swap fixed and moving)" if trained == modalities[::-1] else ""
+    swapped = roles_swapped(trained, modalities)  # run it the way round it was trained, return the inverse
+    if trained is not None and trained != modalities and not swapped:
         warnings.warn(f"the {method} model was trained on fixed {trained[0].upper()} / moving {trained[1].upper()} "
-                      f"pairs, not fixed {modalities[0].upper()} / moving {modalities[1].upper()}{swap}: its "
+                      f"pairs, not fixed {modalities[0].upper()} / moving {modalities[1].upper()}: its "
                       "validation numbers do not describe this warp")
     fixed_n = normalize_intensity(fixed.data, options.fixed_modality, fixed.source)
     moving_n = normalize_intensity(moving.data, options.moving_modality, moving.source)
@@ -226,7 +227,11 @@ def register(fixed: Image, moving: Image, options: RegistrationOptions | None = 
     mt = torch.from_numpy(moving_w)[None, None]
 
     stages("network", 0.3)
-    output, dev = _run(net, ft, mt, dev, options.instance_optimization, stages)
+    if swapped:
+        output, dev = _run(net, mt, ft, dev, options.instance_optimization, stages)
+        output = inverted(output, net, tuple(ft.shape[2:]))
+    else:
+        output, dev = _run(net, ft, mt, dev, options.instance_optimization, stages)
     stages("export", 0.7)
     disp = output.displacement.detach().float().cpu()
     field_w = DisplacementField.from_voxels(disp, grid_w)
