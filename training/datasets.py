@@ -23,52 +23,17 @@ from DeepRegistrationLib.core.resample import normalize_intensity, resample_arra
 
 from .data import synth
 from .data.phantom import ellipsoid_labels, phantom_image
+from .data.subjects import HEAD_FILES, SUBJECT_FILES, centred_grid, load_subject, tissue_classes  # noqa: F401
 from .recipe import DataSpec
 
 VALIDATION_SEED = 10_000_000
 """Validation pair i uses seed VALIDATION_SEED + i; training pairs use seeds below it."""
-
-SUBJECT_FILES = {
-    "icbm152_2009a": ("t1.nii.gz", "tissue.nii.gz"),
-    "colin27": ("ch2bet.nii.gz", "aal.nii.gz"),
-    "fsaverage": ("brain.nii.gz", "aseg.nii.gz"),
-}
-"""Anatomy (training/data/fetch.py output) → (T1 image, label map) file names."""
-
-HEAD_FILES = {"fsaverage": "T1.nii.gz", "colin27": "ch2.nii.gz"}
-"""Subjects whose fetch has a whole-head T1 (skull and scalp kept), for `data.ct_head`."""
-
-
-def centred_grid(image_grid: Grid, spacing: float, shape: tuple[int, int, int]) -> Grid:
-    """RAS-aligned grid of `shape` and isotropic `spacing` mm centred on `image_grid`'s centre."""
-    centre = image_grid.voxel_to_world((np.array(image_grid.shape) - 1) / 2)
-    origin = centre - (np.array(shape) - 1) / 2 * spacing
-    return Grid.from_spacing(shape, (spacing,) * 3, tuple(origin), np.eye(3))
-
-
-def load_subject(anatomy_dir: Path, name: str, spacing: float, shape: tuple[int, int, int]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fetched subject's T1 (normalised to [0, 1]) and labels on the working grid, as [1, 1, I, J, K]."""
-    if name not in SUBJECT_FILES:
-        raise InputError(f"unknown subject {name!r}; known: {', '.join(SUBJECT_FILES)}")
-    folder = Path(anatomy_dir) / name
-    image_file, label_file = (folder / f for f in SUBJECT_FILES[name])
-    if not image_file.is_file():
-        raise InputError(f"{image_file}: missing; run `python -m training.data fetch` first")
-    image = read_image(image_file)
-    labels = read_labels(label_file)
-    grid = centred_grid(image.grid, spacing, shape)
-    data = resample_array(normalize_intensity(image.data, "mr", image.source), image.grid, grid)
-    lab = resample_array(labels.data, labels.grid, grid, order=0)
-    return torch.from_numpy(data)[None, None], torch.from_numpy(lab.astype(np.int64))[None, None]
-
 
 def load_head(anatomy_dir: Path, name: str, spacing: float, shape: tuple[int, int, int]
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """A subject's whole-head T1 (normalised) and head tissue fractions (`head.class_fractions`) on the working
     grid, the head map computed at the image's 1 mm (`head.head_tissue_map`)."""
     from .data import head
-    from .data.fieldbank import tissue_classes
     from .data.label_protocols import tissue_map
 
     if name not in HEAD_FILES:
@@ -119,7 +84,6 @@ class SyntheticPairs(Dataset):
         elif spec.kind == "multimodal" and spec.ct_head:
             self.subjects = [load_head(Path(spec.anatomy_dir), n, spacing, shape) for n in spec.subjects]
         elif spec.kind == "multimodal":
-            from .data.fieldbank import tissue_classes
             from .data.label_protocols import tissue_map
 
             self.subjects = []

@@ -14,43 +14,15 @@ training files (the same file under another name, a field bank computed from it,
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Iterable
 
 from DeepRegistrationLib.core.errors import InputError
 
+from .data.subjects import sha256, subject_files  # noqa: F401  (re-exported)
 from .recipe import ANATOMY_KINDS, Recipe
-
-MANIFEST = "manifest.json"
 NOT_SUBJECTS = ("spec", "held_out", "fieldbank", "folder")
 """Keys of a data manifest that are not training subjects."""
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def subject_files(anatomy_dir: str | Path, name: str, role: str = "training") -> dict[str, str]:
-    """{file name: sha256} of every file a fetch wrote for subject `name` (its manifest lists them).
-
-    InputError when the subject has no fetch manifest (unknown name, or not fetched)."""
-    folder = Path(anatomy_dir) / name
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        known = sorted(p.parent.name for p in Path(anatomy_dir).glob(f"*/{MANIFEST}"))
-        raise InputError(f"{role} subject {name!r}: no fetch manifest {manifest} (fetched subjects: "
-                         f"{', '.join(known) or 'none'}); run `python -m training.data fetch` or fix the name")
-    listed = json.loads(manifest.read_text()).get("files", {})
-    missing = sorted(f for f in listed if not (folder / f).is_file())
-    if missing:
-        raise InputError(f"{role} subject {name!r}: files {missing} of {manifest} are missing; fetch again")
-    return {f: sha256(folder / f) for f in sorted(listed)}
 
 
 def folder_files(folder: str | Path) -> dict[str, str]:

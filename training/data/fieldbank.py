@@ -34,6 +34,7 @@ from DeepRegistrationLib.core.errors import InputError
 from DeepRegistrationLib.core.geometry import Grid
 
 from . import synth
+from .subjects import sha256, tissue_classes
 
 MANIFEST = "manifest.json"
 FOV_MM = (192.0, 224.0, 192.0)
@@ -61,7 +62,7 @@ def _on_grid(anatomy_dir: Path, name: str, grid: Grid) -> tuple[np.ndarray, np.n
     from DeepRegistrationLib.core.resample import normalize_intensity, resample_array
     from scipy import ndimage
 
-    from ..datasets import SUBJECT_FILES
+    from .subjects import SUBJECT_FILES
 
     if name not in SUBJECT_FILES:
         raise InputError(f"unknown subject {name!r}; known: {', '.join(SUBJECT_FILES)}")
@@ -73,17 +74,6 @@ def _on_grid(anatomy_dir: Path, name: str, grid: Grid) -> tuple[np.ndarray, np.n
     data = ndimage.gaussian_filter(data, sigma / float(image.grid.spacing[0]))
     return (resample_array(data, image.grid, grid).astype(np.float32),
             resample_array(labels.data, labels.grid, grid, order=0).astype(np.int64))
-
-
-def tissue_classes(name: str) -> dict[int, str]:
-    """Label id → tissue class of a subject's label map (ICBM152 tissue map, fsaverage aseg)."""
-    from .label_protocols import ASEG_TISSUE
-
-    if name == "icbm152_2009a":
-        return {1: "csf", 2: "gm", 3: "wm"}
-    if name == "fsaverage":
-        return dict(ASEG_TISSUE)
-    raise InputError(f"subject {name!r} has no tissue classes here (icbm152_2009a, fsaverage)")
 
 
 def _syn(fixed: np.ndarray, moving: np.ndarray, grid: Grid, workdir: Path, seed: int) -> np.ndarray:
@@ -115,7 +105,7 @@ def build_bank(anatomy_dir: Path, out: Path, subjects: Sequence[str] = ("icbm152
 
     import ants
 
-    from ..provenance import subject_files
+    from .subjects import subject_files
     from . import labelsynth
 
     leaked = sorted(set(subjects) & set(held_out))
@@ -159,8 +149,6 @@ def build_bank(anatomy_dir: Path, out: Path, subjects: Sequence[str] = ("icbm152
         name = f"{fixed}__{moving}.nii.gz"
         nib.save(nib.Nifti1Image(v_mm.astype(np.float32), grid.affine), str(out / name))
         norm = np.linalg.norm(d_mm, axis=-1)[brain]
-        from ..provenance import sha256
-
         fields.append({"file": name, "fixed": fixed, "moving": moving, "sha256": sha256(out / name),
                        "p95_mm": round(float(np.percentile(norm, 95)), 3), "max_mm": round(float(norm.max()), 3),
                        "log_residual_max_vox": round(residual, 4)})
@@ -186,8 +174,6 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 def bank_record(path: str | Path) -> dict[str, Any]:
     """What a model's data manifest records of the bank: its manifest's sha256, each field's sha256 and the
     hashes of the anatomy the fields were computed from (checked against the files)."""
-    from ..provenance import sha256
-
     manifest = read_manifest(path)
     for entry in manifest["fields"]:
         file = Path(path) / entry["file"]
@@ -239,7 +225,7 @@ def measure(path: str | Path | None, anatomy_dir: Path, spacing: float = 4.0, sh
             scale: Sequence[float] = (0.6, 1.0), magnitude_mm: float = 4.0) -> dict[str, float]:
     """Mean 95th-percentile |u| (mm, inside the ICBM152 brain) of random SVFs (peak 6 and 10 mm, with the
     affine part) and, with a bank, of the bank's fields and of `draws` training draws from it."""
-    from ..datasets import load_subject
+    from .subjects import load_subject
 
     labels = load_subject(anatomy_dir, "icbm152_2009a", spacing, tuple(shape))[1][0, 0] > 0
     out: dict[str, float] = {}
