@@ -68,7 +68,7 @@ class SyntheticPairs(Dataset):
 
     def __init__(self, spec: DataSpec, spacing: float, shape: tuple[int, int, int], length: int, seed: int,
                  validation: bool = False, labelled: set[int] | None = None, with_truth: bool = False) -> None:
-        spec = replace(spec, pool=0) if validation else spec
+        spec = replace(spec, pool=0, synth_fraction=0.0) if validation else spec  # validation: the real kind
         self.spec, self.spacing, self.length = spec, spacing, length
         self.seed = VALIDATION_SEED + seed * 1000 if validation else seed * VALIDATION_SEED // 100
         self.labelled, self.with_truth = labelled, with_truth
@@ -92,7 +92,7 @@ class SyntheticPairs(Dataset):
                 self.subjects.append((image, tissue_map(labels, tissue_classes(n))))
         else:
             self.subjects = [load_subject(Path(spec.anatomy_dir), n, spacing, shape) for n in spec.subjects]
-        if spec.kind == "synth":
+        if spec.kind == "synth" or spec.synth_fraction > 0:
             from .data.labelsynth import offset_labels
 
             self.label_maps = offset_labels([labels for _, labels in self.subjects])
@@ -111,6 +111,9 @@ class SyntheticPairs(Dataset):
             return item
         return self._draw(index)
 
+    def _is_synth(self, seed: int) -> bool:
+        return _is_synth_draw(self.spec, seed)
+
     def _draw(self, index: int) -> dict[str, torch.Tensor]:
         image, labels = self.subjects[index % len(self.subjects)]
         seed = self.seed + index
@@ -120,13 +123,13 @@ class SyntheticPairs(Dataset):
         if self.bank is not None:  # its own generator, so the rest of the pair is drawn as with random warps
             velocity = self.bank.velocity(synth.make_generator(seed + VALIDATION_SEED // 2), spec.bank_scale,
                                           spec.magnitude_mm, spec.affine)
-        if kind in ("known_warp", "phantom"):
+        if kind in ("known_warp", "phantom") and not self._is_synth(seed):
             pair = synth.known_warp_pair(image, labels, spacing, seed, spec.magnitude_mm, spec.affine,
                                          boundary_landmarks=None, velocity=velocity)
-        elif kind == "label_driven":
+        elif kind == "label_driven" and not self._is_synth(seed):
             pair = synth.label_driven_pair(labels, spacing, seed, spec.magnitude_mm, spec.affine,
                                            boundary_landmarks=None, velocity=velocity)
-        elif kind == "synth":
+        elif kind == "synth" or self._is_synth(seed):
             from .data.labelsynth import synth_pair
 
             pair = synth_pair(self.label_maps, spacing, seed, spec.magnitude_mm, spec.affine, velocity)
@@ -144,6 +147,12 @@ class SyntheticPairs(Dataset):
             pair.fixed, pair.moving = _unit_range(pair.fixed, spec.fixed_modality), _unit_range(
                 pair.moving, spec.moving_modality)
         return _as_item(pair, self.labelled is None or self.spec.pool or index in self.labelled, self.with_truth)
+
+
+def _is_synth_draw(spec: DataSpec, seed: int) -> bool:
+    """Whether the pair of `seed` is a synth pair mixed into another kind (`data.synth_fraction`)."""
+    return spec.synth_fraction > 0 and float(torch.rand((), generator=synth.make_generator(
+        seed + VALIDATION_SEED // 4))) < spec.synth_fraction
 
 
 def _unit_range(image: torch.Tensor, modality: str) -> torch.Tensor:

@@ -58,6 +58,7 @@ class DataSpec:
     fieldbank: str = "data/fieldbank"
     bank_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
     ct_head: bool = False
+    synth_fraction: float = 0.0  # known_warp / label_driven: this fraction of training pairs is of kind "synth"
     affine: bool = False
     pool: int = 0
     fixed_modality: str = "t1"
@@ -120,6 +121,12 @@ class Recipe:
             raise InputError(f"unknown data.warps {self.data.warps!r}; use one of {', '.join(WARPS)}")
         if len(self.data.bank_scale) != 2 or not 0 < self.data.bank_scale[0] <= self.data.bank_scale[1]:
             raise InputError("data.bank_scale must be [low, high] with 0 < low ≤ high")
+        if not 0.0 <= self.data.synth_fraction <= 1.0:
+            raise InputError("data.synth_fraction must be between 0 and 1")
+        if self.data.synth_fraction and self.data.kind not in ("known_warp", "label_driven"):
+            raise InputError("data.synth_fraction mixes synth pairs into known_warp or label_driven data only")
+        if self.data.ct_head and self.data.kind != "multimodal":
+            raise InputError("data.ct_head belongs to data kind 'multimodal'")
         if self.lr_schedule not in LR_SCHEDULES:
             raise InputError(f"unknown lr_schedule {self.lr_schedule!r}; use one of {', '.join(LR_SCHEDULES)}")
         if self.new_level_init not in ("paper", "zero"):

@@ -327,10 +327,15 @@ class Trainer:
         return iter(DataLoader(self.train_set, batch_size=self.recipe.batch_size, sampler=sampler,
                                num_workers=self.recipe.workers, persistent_workers=self.recipe.workers > 0))
 
-    def train(self, max_iterations: int | None = None, progress: bool = True) -> Path:
-        """Train to `recipe.iterations` (or `max_iterations` more); returns the checkpoint path."""
+    def train(self, max_iterations: int | None = None, progress: bool = True, max_seconds: float | None = None,
+              on_validation=None) -> Path:
+        """Train to `recipe.iterations` (or `max_iterations` more, or until `max_seconds` of wall time have passed
+        in this call: then the stop iteration is validated and checkpointed); returns the checkpoint path.
+        `on_validation(trainer, summary)` is called after every validation (`compare` records its curve)."""
         r = self.recipe
         end = r.iterations if max_iterations is None else min(r.iterations, self.iteration + max_iterations)
+        started = time.perf_counter()
+        self.on_validation = on_validation
         model = None
         current_stage: dict[str, Any] | None = None
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if r.amp and self.device.type == "cuda"
@@ -344,6 +349,12 @@ class Trainer:
         running: dict[str, list[torch.Tensor]] = {}  # detached terms, read out only when logged (no sync)
         self.network.train()
         while self.iteration < end:
+            if max_seconds is not None and time.perf_counter() - started >= max_seconds:
+                end = self.iteration  # out of budget: validate and checkpoint these weights below
+                if self.last_validation.get("iteration") != self.iteration:
+                    self.validate()
+                self.save_checkpoint()
+                break
             stage = self.stage_at(self.iteration)
             if stage != current_stage or model is None:
                 self._apply_stage(stage)
@@ -419,6 +430,8 @@ class Trainer:
             net.active_levels = was
         self.last_validation = {**summary, "iteration": self.iteration}
         self.logger.log(self.iteration, "validation", summary)
+        if getattr(self, "on_validation", None) is not None:
+            self.on_validation(self, summary)
         return summary
 
     def export(self, path: str | Path) -> Path:
