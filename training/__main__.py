@@ -13,7 +13,7 @@ from pathlib import Path
 
 from DeepRegistrationLib.core.errors import InputError
 
-from .recipe import load_recipe
+from .recipe import apply_sets as _apply_sets, load_recipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,23 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"training: error: {exc}", file=sys.stderr)
         return 2
-
-
-def _apply_sets(recipe_dict: dict, sets: list[str]) -> dict:
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise InputError(f"--set expects key=value, got {item!r}")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        target = recipe_dict
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target.setdefault(p, {})
-        target[leaf] = parsed
-    return recipe_dict
 
 
 def _train(args: argparse.Namespace) -> int:

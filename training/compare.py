@@ -20,16 +20,14 @@ from typing import Any
 
 from DeepRegistrationLib.core.errors import InputError
 
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, apply_sets, load_recipe
 
 COLUMNS = ("recipe", "name", "iteration", "wall_s", "dice", "dice_identity", "epe_mm", "folding_percent")
 
 
 def _recipe(name: str, sets: list[str], validate_every: int | None) -> Recipe:
-    from .__main__ import _apply_sets
-
     recipe = load_recipe(name)
-    values = _apply_sets(recipe.to_dict(), sets)
+    values = apply_sets(recipe.to_dict(), sets)
     if validate_every:
         values["validate_every"] = validate_every
     return Recipe.from_dict(values)

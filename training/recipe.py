@@ -177,3 +177,21 @@ def load_recipe(name_or_path: str) -> Recipe:
         return Recipe.from_dict(json.loads(path.read_text()))
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def apply_sets(recipe_dict: dict, sets: list[str]) -> dict:
+    """`--set key=value` changes (JSON values; dotted keys reach config.* and data.*) applied to a recipe dict."""
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"--set expects key=value, got {item!r}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        target = recipe_dict
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[leaf] = parsed
+    return recipe_dict
