@@ -148,8 +148,8 @@ def test_folder_labels_on_another_grid_stop_before_compute(tmp_path):
 def test_budget_stop_and_compare_write_a_curve(tmp_path):
     """`compare` with a tiny budget: both recipes validated at 0 and at their stop, curve.csv and curve.png."""
     old, new = tmp_path / "old.json", tmp_path / "new.json"
-    old.write_text(json.dumps({**VM, "iterations": 1000, "validate_every": 2}))
-    new.write_text(json.dumps({**VM, "iterations": 1000, "validate_every": 2, "warm_start_iterations": 500}))
+    old.write_text(json.dumps({**VM, "iterations": 1000, "validate_every": 5}))
+    new.write_text(json.dumps({**VM, "iterations": 1000, "validate_every": 5, "warm_start_iterations": 500}))
     rows = compare("voxelmorph", 0.05, tmp_path / "cmp", str(old), str(new), log=lambda _: None)
     for label in ("old", "new"):
         points = [r for r in rows if r["recipe"] == label]

@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     tr.add_argument("--iterations", type=int, help="stop after this many more iterations")
     tr.add_argument("--budget-minutes", type=float,
-                    help="stop after this much wall time in this call (the stop is validated and checkpointed)")
+                    help="stop after this much wall time in this call, validation excluded (the stop is validated and "
+                         "checkpointed)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe field (JSON value), e.g. iterations=500 or config.working_spacing=2")
     tr.add_argument("--export", help="after training, write the model here (e.g. Resources/Models/NAME.safetensors)")
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     co.add_argument("--set-old", action="append", default=[], metavar="KEY=VALUE", help="change the old one")
     co.add_argument("--set-new", action="append", default=[], metavar="KEY=VALUE", help="change the new one")
     co.add_argument("--validate-every", type=int, help="validation interval (iterations) of both")
+    co.add_argument("--validation", choices=("old", "new"), default="new",
+                    help="whose validation pairs both recipes are scored on (default new)")
     co.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     try:
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
             out = Path(args.out or f"runs/compare_{args.method}")
             compare(args.method, args.minutes, out, args.old, args.new, args.set, args.set_old, args.set_new,
-                    args.validate_every, args.device)
+                    args.validate_every, args.device, args.validation)
             print(f"curve in {out / 'curve.csv'} and {out / 'curve.png'}")
             return 0
         return _export(args)

@@ -4,9 +4,11 @@ same wall-clock budget on this machine, one after the other, as validation Dice 
 Each recipe (`--old`, default the method's paper recipe `training/recipes/<method>.json`; `--new`, default
 `<method>_cpu.json`) gets the same changes (`--set`, e.g. the working grid or the anatomy folder; `--set-old` and
 `--set-new` for one of them only), runs for `--minutes` of wall time in its own run directory under `--out`, and is
-validated on its held-out pairs at iteration 0 and every `--validate-every` iterations. The wall time of a point
+validated at iteration 0 and every `--validate-every` iterations on the same held-out pairs for both: those of the
+`--validation` recipe (default "new": real training subjects moved by field-bank warps, no synthetic anatomy), so
+the two curves measure one thing. The wall time of a point
 is the time since that recipe's start *without* the time spent validating (so a denser validation does not cost a
-recipe its budget); it includes pair synthesis. Written into `--out`: `curve.csv` (recipe, name, iteration,
+recipe its budget; the budget, `Trainer.train(max_seconds=...)`, excludes it too); it includes pair synthesis. Written into `--out`: `curve.csv` (recipe, name, iteration,
 wall_s, dice, dice_identity, epe_mm, folding_percent) and `curve.png` (Dice against minutes, both recipes, the
 identity dashed).
 """
@@ -35,7 +37,8 @@ def _recipe(name: str, sets: list[str], validate_every: int | None) -> Recipe:
 
 def compare(method: str, minutes: float, out: str | Path, old: str | None = None, new: str | None = None,
             sets: list[str] | None = None, sets_old: list[str] | None = None, sets_new: list[str] | None = None,
-            validate_every: int | None = None, device: str = "cpu", log=print) -> list[dict[str, Any]]:
+            validate_every: int | None = None, device: str = "cpu", validation: str = "new",
+            log=print) -> list[dict[str, Any]]:
     """Train both recipes for `minutes` each (module docstring); returns the curve rows."""
     from .trainer import Trainer
 
@@ -48,9 +51,13 @@ def compare(method: str, minutes: float, out: str | Path, old: str | None = None
             raise InputError(f"recipe {name!r} is for method {recipe.method!r}, not {method!r}")
         if (out / label / "checkpoint.json").exists():
             raise InputError(f"{out / label}: holds a run already; pass another --out")
+    if validation not in ("old", "new"):
+        raise InputError("--validation must be 'old' or 'new'")
+    reference = dict((label, recipe) for label, _, recipe in recipes)[validation]
+    trainers = [Trainer(recipe, out / label, device) for label, _, recipe in recipes]  # every check first
     rows: list[dict[str, Any]] = []
-    for label, name, recipe in recipes:
-        trainer = Trainer(recipe, out / label, device)  # every check (data, hold-out) before either run trains
+    for (label, name, recipe), trainer in zip(recipes, trainers):
+        trainer.val_set = _validation_set(reference, trainer)
         start, spent = time.perf_counter(), [0.0]
         validate = trainer.validate
 
@@ -71,6 +78,18 @@ def compare(method: str, minutes: float, out: str | Path, old: str | None = None
         trainer.train(progress=False, max_seconds=60 * minutes)
     write_curve(rows, out)
     return rows
+
+
+def _validation_set(reference: Recipe, trainer):
+    """The reference recipe's validation pairs on this trainer's working grid."""
+    from .datasets import FolderPairs, SyntheticPairs
+
+    config, data = trainer.network.config, reference.data
+    shape, spacing = tuple(config.working_shape), config.working_spacing
+    if data.kind == "folder":
+        return FolderPairs(data.folder, spacing, shape, True, data.validation_pairs, False)
+    return SyntheticPairs(data, spacing, shape, data.validation_pairs, reference.seed, validation=True,
+                          with_truth=True)
 
 
 def write_curve(rows: list[dict[str, Any]], out: Path) -> None:

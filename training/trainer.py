@@ -180,6 +180,7 @@ class Trainer:
         self.elapsed = 0.0
         self.logger = Logger(self.out, self.rank == 0)
         self.last_validation: dict[str, float] = {}
+        self.validation_s = 0.0  # wall time spent validating (a time budget excludes it)
 
     def _initialise(self, network: RegistrationNetwork) -> dict[str, list[str]]:
         """The recipe's output-layer initialisation (`output_init_std`) and zero output layers for the pyramid
@@ -329,12 +330,13 @@ class Trainer:
 
     def train(self, max_iterations: int | None = None, progress: bool = True, max_seconds: float | None = None,
               on_validation=None) -> Path:
-        """Train to `recipe.iterations` (or `max_iterations` more, or until `max_seconds` of wall time have passed
-        in this call: then the stop iteration is validated and checkpointed); returns the checkpoint path.
+        """Train to `recipe.iterations` (or `max_iterations` more, or until `max_seconds` of wall time, validation
+        excluded, have passed in this call: then the stop iteration is validated and checkpointed); returns the
+        checkpoint path.
         `on_validation(trainer, summary)` is called after every validation (`compare` records its curve)."""
         r = self.recipe
         end = r.iterations if max_iterations is None else min(r.iterations, self.iteration + max_iterations)
-        started = time.perf_counter()
+        started, validated = time.perf_counter(), self.validation_s
         self.on_validation = on_validation
         model = None
         current_stage: dict[str, Any] | None = None
@@ -349,7 +351,8 @@ class Trainer:
         running: dict[str, list[torch.Tensor]] = {}  # detached terms, read out only when logged (no sync)
         self.network.train()
         while self.iteration < end:
-            if max_seconds is not None and time.perf_counter() - started >= max_seconds:
+            if max_seconds is not None and (time.perf_counter() - started
+                                            - (self.validation_s - validated)) >= max_seconds:
                 end = self.iteration  # out of budget: validate and checkpoint these weights below
                 if self.last_validation.get("iteration") != self.iteration:
                     self.validate()
@@ -399,6 +402,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Loss, mean Dice of warped labels (and of the identity) and % det J ≤ 0 on the held-out pairs."""
         net = self.network
+        clock = time.perf_counter()
         was = net.active_levels if hasattr(net, "active_levels") else None
         net.eval()
         if hasattr(net, "set_stage"):  # macjnet: validation scores the registration, whichever update came last
@@ -430,6 +434,7 @@ class Trainer:
             net.active_levels = was
         self.last_validation = {**summary, "iteration": self.iteration}
         self.logger.log(self.iteration, "validation", summary)
+        self.validation_s += time.perf_counter() - clock
         if getattr(self, "on_validation", None) is not None:
             self.on_validation(self, summary)
         return summary
