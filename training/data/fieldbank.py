@@ -13,7 +13,8 @@ old random SVFs (docs/MODELS.md, "Realistic deformations").
 
 `FieldBank(path, spacing, shape).velocity(generator, ...)` draws a training warp on a working grid: a bank field
 resampled onto the working shape (centred on the bank grid's centre, all subjects lying in MNI-like space),
-mirrored left–right with probability ½, scaled by a factor in `scale`, plus a random SVF of peak
+mirrored left–right with probability ½, inverted (−v) with probability ½ (so the draws have no mean field a
+network could learn instead of registering), scaled by a factor in `scale`, plus a random SVF of peak
 `magnitude_mm` (and the random affine part): v = s·v_bank + v_random, whose exponential is the ground truth
 (the sum of velocities is the first-order composition of the two warps).
 """
@@ -210,6 +211,8 @@ class FieldBank:
         if float(torch.rand((), generator=generator)) < 0.5:  # left–right mirror: x ↦ −x, v_x ↦ −v_x
             v = torch.flip(v, dims=[2]) * torch.tensor([-1.0, 1.0, 1.0]).view(1, 3, 1, 1, 1)
         s = scale[0] + (scale[1] - scale[0]) * float(torch.rand((), generator=generator))
+        if float(torch.rand((), generator=generator)) < 0.5:  # the inverse warp, −v: the draws have no mean field
+            s = -s
         spacing = (self.spacing,) * 3
         return s * v + synth.random_velocity(self.shape, generator, spacing, magnitude_mm, affine=affine)
 
