@@ -110,7 +110,9 @@ def models_table() -> str:
         hw = rec["hardware"]
         rows.append(
             f"| `{spec.name}` | {data['kind']} on {', '.join(data['subjects'])} (peak {data['magnitude_mm']} mm"
-            f"{', affine' if data['affine'] else ''}) | {'×'.join(map(str, cfg['working_shape']))} at "
+            f"{', affine' if data['affine'] else ''}{', field-bank warps' if data.get('warps') == 'bank' else ''}"
+            f"{', head CT' if data.get('ct_head') else ''}"
+            f"{'; held out: ' + ', '.join(data['held_out']) if data.get('held_out') else ''}) | {'×'.join(map(str, cfg['working_shape']))} at "
             f"{cfg['working_spacing']} mm | {rec['iteration']} | {rec['wall_time_s'] / 60:.0f} min | "
             f"{hw['gpu'] or hw['cpu']} ({hw['device']}) | {dice} | {val.get('folding_percent', float('nan')):.3f} | "
             f"{spec.weights_path.stat().st_size / 2**20:.1f} MB | `{meta['sha256'][:12]}` |")
