@@ -18,8 +18,8 @@ from DeepRegistrationLib.core.geometry import Grid
 from DeepRegistrationLib.core.image import Image, write_image
 from benchmark.methods import IDENTITY, available_methods
 from benchmark.scoring import score
-from benchmark.suite import (SUITE_PATH, ManifestError, load_manifest, load_pair, materialise,
-                                      suite_grid)
+from benchmark.suite import (SUITE_PATH, SUITE_V1_PATH, ManifestError, load_manifest, load_pair, materialise,
+                             suite_grid)
 from training.data.phantom import ellipsoid_labels, phantom_image
 
 PHANTOM = (24, 24, 24)
@@ -66,7 +66,9 @@ def tiny(tmp_path_factory):
 def test_shipped_manifest_parses():
     manifest = load_manifest(SUITE_PATH)
     pairs = manifest.pairs
-    assert {p.kind for p in pairs.values()} == {"cross_subject", "known_warp", "multimodal"}
+    assert {p.kind for p in pairs.values()} == {"cross_subject", "known_warp", "multimodal", "head_ct"}
+    assert {p.kind for p in load_manifest(SUITE_V1_PATH).pairs.values()} == {"cross_subject", "known_warp",
+                                                                            "multimodal"}
     small = manifest.select(["small"])
     assert len(small) == 7 and {p.kind for p in small} == {"cross_subject", "known_warp", "multimodal"}
     assert suite_grid(manifest).shape == (96, 112, 96) and suite_grid(manifest, 1.0).shape == (192, 224, 192)
@@ -150,6 +152,43 @@ def test_run_suite_in_child_process_writes_every_output(tiny, tmp_path):
                  "dice_known_warp_blobs.png"):
         assert (tmp_path / name).is_file(), name
     assert "| identity | 1 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_head_ct_pairs_in_both_directions(tmp_path):
+    """A whole-head phantom (scalp, dark skull, CSF, GM, WM): CT fixed or moving, HU in the CT, exact truth."""
+    n = 40
+    g = warp.identity_grid((n, n, n))[0]
+    r = ((g - (n - 1) / 2) ** 2).sum(0).sqrt().numpy()
+    head = np.select([r < 8, r < 12, r < 13, r < 17, r < 19.5], [0.8, 0.5, 0.2, 0.05, 0.7], 0.0).astype(np.float32)
+    grid = Grid.from_spacing((n, n, n), (1.0,) * 3, (-19.5, -19.5, -19.5), np.eye(3))
+    (tmp_path / "anatomy" / "h").mkdir(parents=True)
+    write_image(Image(head, grid), tmp_path / "anatomy" / "h" / "head.nii.gz")
+    write_image(Image(np.where(r < 13, head, 0).astype(np.float32), grid), tmp_path / "anatomy" / "h" / "brain.nii.gz")
+    write_image(Image((r < 12).astype(np.int16), grid), tmp_path / "anatomy" / "h" / "labels.nii.gz")
+    raw = {"suite": "test", "version": 2, "resolution_mm": 2.0,
+           "grid": {"fov_mm": [40.0, 40.0, 40.0], "centre_ras_mm": [0.0, 0.0, 0.0]},
+           "subjects": {"h": {"image": "h/brain.nii.gz", "labels": "h/labels.nii.gz", "head_image": "h/head.nii.gz",
+                              "tissue_from_intensity": True,
+                              "structures": {"csf": [1], "gray_matter": [2], "white_matter": [3]}}},
+           "label_sets": {"tissue": ["csf", "gray_matter", "white_matter"]},
+           "pairs": [{"id": f"hct_{role}", "kind": "head_ct", "subject": "h", "label_set": "tissue", "ct_role": role,
+                      "seed": 5, "magnitude_mm": 3.0, "boundary_landmarks": 3} for role in ("fixed", "moving")]}
+    (tmp_path / "suite.json").write_text(json.dumps(raw))
+    manifest = load_manifest(tmp_path / "suite.json")
+    for role in ("fixed", "moving"):
+        pair = load_pair(materialise(manifest, manifest.pairs[f"hct_{role}"], anatomy_dir=tmp_path / "anatomy",
+                                     cache_dir=tmp_path / "cache"))
+        ct = pair.fixed if role == "fixed" else pair.moving
+        assert ct.data.min() < -900 and ct.data.max() > 500  # air and bone in HU
+        assert pair.spec.modalities == (("ct", "mr") if role == "fixed" else ("mr", "ct")) and pair.spec.multimodal
+        warped = apply_field(pair.moving_labels, pair.truth, order=0).data
+        inside = pair.fixed_labels.data > 0
+        assert (warped[inside] == pair.fixed_labels.data[inside]).mean() > 0.9
+    bad = json.loads(json.dumps(raw))
+    bad["pairs"][0]["ct_role"] = "both"
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ManifestError, match="ct_role must be"):
+        load_manifest(tmp_path / "bad.json")
 
 
 def _oblique_pair() -> tuple[Image, Image]:

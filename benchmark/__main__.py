@@ -12,7 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .suite import ANATOMY_DIR, CACHE_DIR, SUITE_PATH
 
     parser = argparse.ArgumentParser(prog="python -m benchmark", description=__doc__)
-    parser.add_argument("--manifest", type=Path, default=SUITE_PATH, help="suite manifest (default suite_v1.json)")
+    parser.add_argument("--manifest", type=Path, default=SUITE_PATH, help="suite manifest (default suite_v2.json; suite_v1.json stays readable)")
     parser.add_argument("--anatomy-dir", type=Path, default=ANATOMY_DIR, help="fetched anatomy (training.data)")
     parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="where pairs are materialised")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -3,8 +3,10 @@ scored in this process with `scoring.score`. Writes into the output directory:
 
 - `results.jsonl`: one record per (pair, method) as it finishes (a rerun with `resume` skips finished ones);
 - `results.csv`: the summary row of each record; `structures.csv`: Dice, HD95, ASSD per structure;
-- `summary.md`: the tables (per pair kind and per pair) and the machine; `dice_<label set>.png` box plots;
-- `run.json`: manifest, methods with their settings, machine, threads, library versions.
+- `summary.md`: the tables (per pair kind, on each network's held-out pairs, and per pair) and the machine;
+  `dice_<label set>.png` box plots;
+- `run.json`: manifest, methods with their settings, machine, threads, library versions, and per network the pairs
+  whose anatomy it never saw (`held_out`, benchmark/heldout.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from DeepRegistrationLib.core.errors import InputError
 from DeepRegistrationLib.core.field import read_itk_displacement
 
+from .heldout import held_out_pairs
 from .methods import Method, available_methods
 from .plots import structure_boxplots
 from .scoring import score
@@ -29,12 +32,12 @@ from .suite import ANATOMY_DIR, CACHE_DIR, Manifest, load_pair, materialise
 from .records import OUTPUT_DIR, json_default, machine_info
 from .worker import run_job
 
-COLUMNS = ("pair", "kind", "label_set", "method", "dice", "dice_before", "hd95", "assd", "folding_pct",
+COLUMNS = ("pair", "kind", "label_set", "method", "held_out", "dice", "dice_before", "hd95", "assd", "folding_pct",
            "folding_pct_grid", "sdlogj", "tre_mm", "tre_before_mm", "epe_mm", "epe_p95_mm", "ncc", "mi",
            "landmarks", "seconds", "peak_mb", "baseline_mb", "startup_s", "error")
 STRUCTURE_COLUMNS = ("pair", "kind", "label_set", "method", "structure", "label", "dice", "hd95", "assd")
 KIND_TITLES = {"cross_subject": "Cross-subject (real pairs)", "known_warp": "Known warp (real anatomy)",
-               "multimodal": "Multimodal known warp"}
+               "multimodal": "Multimodal known warp", "head_ct": "Whole-head CT–T1 known warp"}
 
 
 def _finished(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
@@ -62,7 +65,8 @@ def run_suite(manifest: Manifest, pair_names: list[str] | None = None, method_na
     info = {"manifest": str(manifest.path), "suite": manifest.raw.get("suite"), "version": manifest.version,
             "resolution_mm": float(resolution_mm or manifest.resolution_mm), "pairs": [s.id for s in specs],
             "methods": [m.to_dict() for m in methods], "device": device, "machine": machine_info(threads),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "held_out": held_out_pairs(manifest, specs, methods, anatomy_dir)}
     log(f"{len(specs)} pairs x {len(methods)} methods ({', '.join(m.name for m in methods)}), "
         f"{threads} threads, {info['resolution_mm']:g} mm")
     jsonl = out_dir / "results.jsonl"
@@ -80,10 +84,11 @@ def run_suite(manifest: Manifest, pair_names: list[str] | None = None, method_na
         for method in methods:
             if not method.applies_to(spec):
                 continue
+            held = method.kind != "network" or spec.id in info["held_out"].get(method.name, [])
             if (spec.id, method.name) in done:
-                records.append(done[(spec.id, method.name)])
+                records.append({**done[(spec.id, method.name)], "held_out": held})
                 continue
-            record = _run_one(pair, method, out_dir, threads, device, timeout_s)
+            record = {**_run_one(pair, method, out_dir, threads, device, timeout_s), "held_out": held}
             records.append(record)
             with open(jsonl, "a") as f:
                 f.write(json.dumps(record, default=json_default) + "\n")
@@ -188,6 +193,7 @@ def summary_markdown(records: list[dict[str, Any]], info: dict[str, Any]) -> str
                 lines.append(f"| {method} | {len(rows)} | " + " | ".join(_fmt([r[k] for r in rows], d)
                                                                            for _, k, d in TABLE) + " |")
         lines.append("")
+    lines += held_out_markdown(ok, info, methods, head, rule)
     lines += ["### Per pair", "", "| pair | method | " + " | ".join(t[0] for t in TABLE) + " |",
               "|---|---|" + "---|" * len(TABLE)]
     for r in ok:
@@ -202,6 +208,42 @@ def summary_markdown(records: list[dict[str, Any]], info: dict[str, Any]) -> str
               f"{info['started']} – {info.get('finished', '?')}"
               + (f" (resumed {', '.join(info['resumed'])})" if info.get("resumed") else "") + ".", ""]
     return "\n".join(lines)
+
+
+def held_out_markdown(ok: list[dict[str, Any]], info: dict[str, Any], methods: list[str], head: str,
+                      rule: str) -> list[str]:
+    """The held-out tables: for every set of pairs that is some networks' held-out set, those networks and the
+    untrained methods (identity, classical) on exactly those pairs, per pair kind."""
+    held = info.get("held_out")
+    if held is None:
+        return []
+    lines = ["### Held-out anatomy", ""]
+    networks = [m for m in methods if m in held]
+    if not any(held.get(m) for m in networks):
+        return lines + ["No network has a held-out pair: every model's training record shares a file hash with "
+                        "the anatomy of every pair (" + ", ".join(networks) + ").", ""]
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for m in networks:
+        if held.get(m):
+            groups.setdefault(tuple(held[m]), []).append(m)
+    untrained = [m for m in methods if m not in held]
+    lines.append("Networks with no held-out pair: " + (", ".join(m for m in networks if not held.get(m)) or "none")
+                 + ".")
+    lines.append("")
+    for pairs, members in groups.items():
+        lines += [f"Pairs whose anatomy {', '.join(members)} never saw: {', '.join(pairs)}.", ""]
+        for kind, title in KIND_TITLES.items():
+            rows_of = {m: [r for r in ok if r["method"] == m and r["pair"] in pairs and r["kind"] == kind]
+                       for m in untrained + members}
+            if not any(rows_of.values()):
+                continue
+            lines += [f"#### {title}, held out ({', '.join(members)})", "", head, rule]
+            for m, rows in rows_of.items():
+                if rows:
+                    lines.append(f"| {m} | {len(rows)} | " + " | ".join(_fmt([r[k] for r in rows], d)
+                                                                       for _, k, d in TABLE) + " |")
+            lines.append("")
+    return lines
 
 
 def _load(values: list[float] | None) -> str:

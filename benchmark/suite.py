@@ -10,6 +10,11 @@ Pair kinds:
   an intensity perturbation, moving = the subject ∘ φ⁻¹ with another perturbation; exact field and landmarks.
 - `multimodal`: as `known_warp`, but the moving image is a synthetic contrast ("ct" in HU or "t2") rendered from the
   subject's tissue map (`synth.multimodal_pair`), the fixed image the subject's real T1 (perturbed).
+- `head_ct` (suite v2): a whole head (skull and scalp kept: the subject's `head_image`) as a CT in HU rendered from
+  its head tissue map (`training/data/head.py`: air, CSF, GM, WM, bone, scalp; partial volume, noise) and as its
+  real T1, with a known warp; `ct_role` says whether the CT is the fixed or the moving image. The brain tissue
+  comes from the subject's `tissue_classes` or, with `tissue_from_intensity`, from k-means of its skull-stripped
+  T1 (`image`).
 
 A pair directory holds fixed/moving images and label maps, the fixed brain mask, labels.tsv and pair.json; known
 warps add ground_truth.nii.gz (ITK displacement, LPS) and fixed/moving_landmarks.fcsv. pair.json is written last,
@@ -39,10 +44,11 @@ from training.data import synth
 from training.data.label_protocols import PROTOCOLS, read_label_table, write_label_table
 
 ROOT = Path(__file__).resolve().parents[1]
-SUITE_PATH = Path(__file__).with_name("suite_v1.json")
+SUITE_PATH = Path(__file__).with_name("suite_v2.json")
+SUITE_V1_PATH = Path(__file__).with_name("suite_v1.json")
 ANATOMY_DIR = ROOT / "data" / "anatomy"
 CACHE_DIR = ROOT / "data" / "benchmark"
-KINDS = ("cross_subject", "known_warp", "multimodal")
+KINDS = ("cross_subject", "known_warp", "multimodal", "head_ct")
 MOVING_CONTRASTS = ("ct", "t2")
 _MULTIMODAL_FIXED_SEED = 1_000_003
 """Offset of the generator that perturbs a multimodal pair's real fixed T1 (independent of the warp's)."""
@@ -67,14 +73,21 @@ class PairSpec:
     affine: bool = False
     boundary_landmarks: int = 4
     moving_contrast: str | None = None
+    ct_role: str | None = None
 
     @property
     def multimodal(self) -> bool:
-        return self.kind == "multimodal"
+        return self.kind in ("multimodal", "head_ct")
+
+    @property
+    def subjects(self) -> list[str]:
+        return [self.fixed, self.moving] if self.kind == "cross_subject" else [self.subject]
 
     @property
     def modalities(self) -> tuple[str, str]:
         """Intensity modality of (fixed, moving) for `resample.normalize_intensity` ("mr" or "ct")."""
+        if self.kind == "head_ct":
+            return ("ct", "mr") if self.ct_role == "fixed" else ("mr", "ct")
         return "mr", "ct" if self.moving_contrast == "ct" else "mr"
 
 
@@ -183,6 +196,15 @@ def _validate(m: Manifest) -> None:
                                         f"{structure!r} of label set {spec.label_set!r}")
         if spec.kind != "cross_subject" and spec.seed is None:
             raise ManifestError(f"{where}: pair {spec.id!r}: synthetic pairs need a seed")
+        if spec.kind == "head_ct":
+            subject = m.subjects[spec.subject]
+            if spec.ct_role not in ("fixed", "moving"):
+                raise ManifestError(f"{where}: pair {spec.id!r}: ct_role must be 'fixed' or 'moving'")
+            if "head_image" not in subject:
+                raise ManifestError(f"{where}: pair {spec.id!r}: subject {spec.subject!r} has no head_image")
+            if "tissue_classes" not in subject and not subject.get("tissue_from_intensity"):
+                raise ManifestError(f"{where}: pair {spec.id!r}: subject {spec.subject!r} needs tissue_classes or "
+                                    "tissue_from_intensity")
         if spec.kind == "multimodal":
             if spec.moving_contrast not in MOVING_CONTRASTS:
                 raise ManifestError(f"{where}: pair {spec.id!r}: moving_contrast must be one of {MOVING_CONTRASTS}")
@@ -326,6 +348,9 @@ def _build(manifest: Manifest, spec: PairSpec, grid: Grid, anatomy_dir: Path, ou
                        label_set_map(fixed.labels, fixed.spec, structures),
                        label_set_map(moving.labels, moving.spec, structures), fixed.brain)
         return
+    if spec.kind == "head_ct":
+        _build_head_ct(manifest, spec, grid, anatomy_dir, out, structures)
+        return
     subject = load_subject_on_grid(anatomy_dir, manifest.subjects[spec.subject], grid)
     spacing = tuple(float(s) for s in grid.spacing)
     image = torch.from_numpy(subject.image)[None, None]
@@ -350,11 +375,63 @@ def _build(manifest: Manifest, spec: PairSpec, grid: Grid, anatomy_dir: Path, ou
         pair.landmark_labels = fixed_labels[0, 0][tuple(pair.fixed_landmarks.long().T)]
     _write_volumes(out, grid, pair.fixed[0, 0].numpy(), pair.moving[0, 0].numpy(), fixed_labels[0, 0].numpy(),
                    moving_labels[0, 0].numpy(), subject.brain)
+    _write_truth(out, grid, pair, structures)
+
+
+def _write_truth(out: Path, grid: Grid, pair: "synth.SyntheticPair", structures: list[str]) -> None:
     write_itk_displacement(DisplacementField.from_voxels(pair.displacement, grid), out / "ground_truth.nii.gz")
     names = [f"p{n:03d}_{structures[int(lab) - 1]}" for n, lab in enumerate(pair.landmark_labels.tolist())]
     for role, points in (("fixed", pair.fixed_landmarks), ("moving", pair.moving_landmarks)):
         ras = grid.voxel_to_world(points.double().numpy())
         write_fcsv(out / f"{role}_landmarks.fcsv", Landmarks(names, ras))
+
+
+def _build_head_ct(manifest: Manifest, spec: PairSpec, grid: Grid, anatomy_dir: Path, out: Path,
+                   structures: list[str]) -> None:
+    """A `head_ct` pair (module docstring): head map at the subject's 1 mm, fractions and T1 on the suite grid."""
+    from training.data import head
+
+    subject = manifest.subjects[spec.subject]
+    brain_image = read_image(Path(anatomy_dir) / subject["image"])
+    head_image = read_image(Path(anatomy_dir) / subject["head_image"])
+    labels = read_labels(Path(anatomy_dir) / subject["labels"], like=head_image)
+    if not brain_image.grid.same_as(head_image.grid, tol=1e-3):
+        raise InputError(f"{head_image.source}: head image and brain image lie on different grids")
+    brain = brain_image.data > 0
+    if subject.get("tissue_from_intensity"):
+        tissue = head.intensity_tissue(brain_image.data, brain)
+    else:
+        classes = {int(k): v for k, v in subject["tissue_classes"].items()}
+        ids = {"csf": 1, "gm": 2, "wm": 3}
+        tissue = np.zeros(labels.data.shape, np.int16)
+        for label, name in classes.items():
+            tissue[labels.data == label] = ids[name]
+    t1 = normalize_intensity(head_image.data, "mr", head_image.source)
+    head_map = head.head_tissue_map(t1, tissue, float(head_image.grid.spacing[0]))
+    fractions = head.class_fractions(head_map, head_image.grid, grid)
+    t1_grid = resample_array(_anti_aliased(t1, head_image.grid, float(grid.spacing[0])), head_image.grid, grid)
+    spacing = tuple(float(s) for s in grid.spacing)
+    modalities = ("ct", "t1") if spec.ct_role == "fixed" else ("t1", "ct")
+    pair = head.head_pair(torch.from_numpy(t1_grid)[None, None], fractions, spacing, spec.seed, *modalities,
+                          spec.magnitude_mm, spec.affine, boundary_landmarks=spec.boundary_landmarks)
+    tissue_names = {"csf": 1, "gray_matter": 2, "white_matter": 3}
+    remap = lambda t: _structure_map(t[0, 0].numpy(), structures, tissue_names)  # noqa: E731
+    fixed_labels, moving_labels = remap(pair.fixed_labels), remap(pair.moving_labels)
+    keep = fixed_labels[tuple(pair.fixed_landmarks.long().T)] > 0
+    pair.fixed_landmarks, pair.moving_landmarks = pair.fixed_landmarks[keep], pair.moving_landmarks[keep]
+    pair.landmark_labels = torch.from_numpy(fixed_labels[tuple(pair.fixed_landmarks.long().T.numpy())])
+    brain_grid = resample_array(brain.astype(np.int16), brain_image.grid, grid, order=0) > 0
+    _write_volumes(out, grid, pair.fixed[0, 0].numpy(), pair.moving[0, 0].numpy(), fixed_labels, moving_labels,
+                   brain_grid)
+    _write_truth(out, grid, pair, structures)
+
+
+def _structure_map(tissue: np.ndarray, structures: list[str], ids: dict[str, int]) -> np.ndarray:
+    """Tissue ids (1 CSF, 2 GM, 3 WM) to a label set's ids (structure n → n + 1)."""
+    out = np.zeros(tissue.shape, np.int16)
+    for n, name in enumerate(structures):
+        out[tissue == ids[name]] = n + 1
+    return out
 
 
 def _write_volumes(out: Path, grid: Grid, fixed: np.ndarray, moving: np.ndarray, fixed_labels: np.ndarray,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from DeepRegistrationLib.core.errors import InputError
 
-from .recipe import load_recipe
+from .recipe import apply_sets as _apply_sets, load_recipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     tr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     tr.add_argument("--iterations", type=int, help="stop after this many more iterations")
+    tr.add_argument("--budget-minutes", type=float,
+                    help="stop after this much wall time in this call, validation excluded (the stop is validated and "
+                         "checkpointed)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe field (JSON value), e.g. iterations=500 or config.working_spacing=2")
     tr.add_argument("--export", help="after training, write the model here (e.g. Resources/Models/NAME.safetensors)")
@@ -33,6 +36,20 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("run", help="run directory")
     ex.add_argument("model", help="output .safetensors path")
     sub.add_parser("models", help="print the table of shipped models (docs/MODELS.md) from their JSON records")
+    co = sub.add_parser("compare", help="paper recipe vs sample-efficient recipe, same wall-clock budget: "
+                        "validation Dice against wall time (curve.csv, curve.png)")
+    co.add_argument("method")
+    co.add_argument("--minutes", type=float, required=True, help="wall-clock budget of each recipe")
+    co.add_argument("--out", help="output directory (default runs/compare_<method>)")
+    co.add_argument("--old", help="recipe name or path (default the paper recipe <method>)")
+    co.add_argument("--new", help="recipe name or path (default <method>_cpu)")
+    co.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change both recipes")
+    co.add_argument("--set-old", action="append", default=[], metavar="KEY=VALUE", help="change the old one")
+    co.add_argument("--set-new", action="append", default=[], metavar="KEY=VALUE", help="change the new one")
+    co.add_argument("--validate-every", type=int, help="validation interval (iterations) of both")
+    co.add_argument("--validation", choices=("old", "new"), default="new",
+                    help="whose validation pairs both recipes are scored on (default new)")
+    co.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -40,27 +57,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "models":
             print(models_table() + "\n\n" + models_commands())
             return 0
+        if args.command == "compare":
+            from .compare import compare
+
+            out = Path(args.out or f"runs/compare_{args.method}")
+            compare(args.method, args.minutes, out, args.old, args.new, args.set, args.set_old, args.set_new,
+                    args.validate_every, args.device, args.validation)
+            print(f"curve in {out / 'curve.csv'} and {out / 'curve.png'}")
+            return 0
         return _export(args)
     except InputError as exc:
         print(f"training: error: {exc}", file=sys.stderr)
         return 2
-
-
-def _apply_sets(recipe_dict: dict, sets: list[str]) -> dict:
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise InputError(f"--set expects key=value, got {item!r}")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        target = recipe_dict
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target.setdefault(p, {})
-        target[leaf] = parsed
-    return recipe_dict
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -76,7 +84,8 @@ def _train(args: argparse.Namespace) -> int:
         trainer.resume()
     elif (out / "checkpoint.json").exists():
         raise InputError(f"{out}: holds a checkpoint already; pass --resume or another --out")
-    trainer.train(args.iterations, progress=not args.quiet)
+    trainer.train(args.iterations, progress=not args.quiet,
+                  max_seconds=None if args.budget_minutes is None else 60 * args.budget_minutes)
     if args.export and trainer.rank == 0:
         trainer.export(args.export)
     return 0
@@ -101,7 +110,9 @@ def models_table() -> str:
         hw = rec["hardware"]
         rows.append(
             f"| `{spec.name}` | {data['kind']} on {', '.join(data['subjects'])} (peak {data['magnitude_mm']} mm"
-            f"{', affine' if data['affine'] else ''}) | {'×'.join(map(str, cfg['working_shape']))} at "
+            f"{', affine' if data['affine'] else ''}{', field-bank warps' if data.get('warps') == 'bank' else ''}"
+            f"{', head CT' if data.get('ct_head') else ''}"
+            f"{'; held out: ' + ', '.join(data['held_out']) if data.get('held_out') else ''}) | {'×'.join(map(str, cfg['working_shape']))} at "
             f"{cfg['working_spacing']} mm | {rec['iteration']} | {rec['wall_time_s'] / 60:.0f} min | "
             f"{hw['gpu'] or hw['cpu']} ({hw['device']}) | {dice} | {val.get('folding_percent', float('nan')):.3f} | "
             f"{spec.weights_path.stat().st_size / 2**20:.1f} MB | `{meta['sha256'][:12]}` |")
@@ -123,9 +134,14 @@ def _leaf_changes(base: dict, recorded: dict, prefix: str = "") -> list[str]:
 def reproduce_command(record: dict) -> str:
     """The one command that retrains a shipped model from its training record: the method's recipe, `--set` for
     every field the run changed, `--iterations` when the run stopped before the recipe's end."""
-    recipe = record["recipe"]
-    sets = _leaf_changes(load_recipe(recipe["method"]).to_dict(), recipe)
-    words = ["python -m training train", recipe["method"], f"--device {record['hardware']['device'].split(':')[0]}"]
+    from .recipe import RECIPES_DIR, Recipe
+
+    recipe = Recipe.from_dict(record["recipe"]).to_dict()  # fields added since the run take their defaults
+    bases = [name for name in (recipe["method"], f"{recipe['method']}_cpu") if (RECIPES_DIR / f"{name}.json").is_file()]
+    changes = {name: _leaf_changes(load_recipe(name).to_dict(), recipe) for name in bases}
+    base = min(bases, key=lambda name: len(changes[name]))  # the paper recipe or the CPU one, fewer --set
+    sets = changes[base]
+    words = ["python -m training train", base, f"--device {record['hardware']['device'].split(':')[0]}"]
     words += [f"--set '{change}'" for change in sets]
     if record["iteration"] < recipe["iterations"]:
         words.append(f"--iterations {record['iteration']}")

@@ -17,53 +17,48 @@ import torch
 from torch.utils.data import Dataset
 
 from DeepRegistrationLib.core.errors import InputError
-from DeepRegistrationLib.core.geometry import Grid
 from DeepRegistrationLib.core.image import read_image, read_labels
 from DeepRegistrationLib.core.resample import normalize_intensity, resample_array
 
 from .data import synth
 from .data.phantom import ellipsoid_labels, phantom_image
+from .data.subjects import HEAD_FILES, SUBJECT_FILES, centred_grid, load_subject, tissue_classes  # noqa: F401
 from .recipe import DataSpec
 
 VALIDATION_SEED = 10_000_000
 """Validation pair i uses seed VALIDATION_SEED + i; training pairs use seeds below it."""
 
-SUBJECT_FILES = {
-    "icbm152_2009a": ("t1.nii.gz", "tissue.nii.gz"),
-    "colin27": ("ch2bet.nii.gz", "aal.nii.gz"),
-    "fsaverage": ("brain.nii.gz", "aseg.nii.gz"),
-}
-"""Anatomy (training/data/fetch.py output) → (T1 image, label map) file names."""
+def load_head(anatomy_dir: Path, name: str, spacing: float, shape: tuple[int, int, int]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A subject's whole-head T1 (normalised) and head tissue fractions (`head.class_fractions`) on the working
+    grid, the head map computed at the image's 1 mm (`head.head_tissue_map`)."""
+    from .data import head
+    from .data.label_protocols import tissue_map
 
-
-def centred_grid(image_grid: Grid, spacing: float, shape: tuple[int, int, int]) -> Grid:
-    """RAS-aligned grid of `shape` and isotropic `spacing` mm centred on `image_grid`'s centre."""
-    centre = image_grid.voxel_to_world((np.array(image_grid.shape) - 1) / 2)
-    origin = centre - (np.array(shape) - 1) / 2 * spacing
-    return Grid.from_spacing(shape, (spacing,) * 3, tuple(origin), np.eye(3))
-
-
-def load_subject(anatomy_dir: Path, name: str, spacing: float, shape: tuple[int, int, int]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fetched subject's T1 (normalised to [0, 1]) and labels on the working grid, as [1, 1, I, J, K]."""
-    if name not in SUBJECT_FILES:
-        raise InputError(f"unknown subject {name!r}; known: {', '.join(SUBJECT_FILES)}")
+    if name not in HEAD_FILES:
+        raise InputError(f"data.ct_head needs a subject with a whole-head T1 ({', '.join(HEAD_FILES)}), "
+                         f"not {name!r}")
     folder = Path(anatomy_dir) / name
-    image_file, label_file = (folder / f for f in SUBJECT_FILES[name])
-    if not image_file.is_file():
-        raise InputError(f"{image_file}: missing; run `python -m training.data fetch` first")
-    image = read_image(image_file)
-    labels = read_labels(label_file)
+    path = folder / HEAD_FILES[name]
+    if not path.is_file():
+        raise InputError(f"{path}: missing; run `python -m training.data fetch` first")
+    image = read_image(path)
+    labels = read_labels(folder / SUBJECT_FILES[name][1], like=image)
+    t1 = normalize_intensity(image.data, "mr", image.source)
+    classes = tissue_classes(name) if name != "colin27" else None
+    tissue = tissue_map(labels.data, classes) if classes else labels.data
+    head_map = head.head_tissue_map(t1, tissue, float(image.grid.spacing[0]))
     grid = centred_grid(image.grid, spacing, shape)
-    data = resample_array(normalize_intensity(image.data, "mr", image.source), image.grid, grid)
-    lab = resample_array(labels.data, labels.grid, grid, order=0)
-    return torch.from_numpy(data)[None, None], torch.from_numpy(lab.astype(np.int64))[None, None]
+    data = resample_array(t1, image.grid, grid)
+    return torch.from_numpy(data)[None, None], head.class_fractions(head_map, image.grid, grid)
 
 
-def _as_item(pair: synth.SyntheticPair, with_labels: bool) -> dict[str, torch.Tensor]:
+def _as_item(pair: synth.SyntheticPair, with_labels: bool, with_truth: bool = False) -> dict[str, torch.Tensor]:
     item = {"fixed": pair.fixed[0], "moving": pair.moving[0]}
     if with_labels and pair.fixed_labels is not None:
         item["fixed_labels"], item["moving_labels"] = pair.fixed_labels[0], pair.moving_labels[0]
+    if with_truth:
+        item["displacement"] = pair.displacement[0].float()
     return item
 
 
@@ -71,18 +66,35 @@ class SyntheticPairs(Dataset):
     """`length` synthetic pairs (training) or the held-out validation pairs, per `DataSpec.kind`."""
 
     def __init__(self, spec: DataSpec, spacing: float, shape: tuple[int, int, int], length: int, seed: int,
-                 validation: bool = False, labelled: set[int] | None = None) -> None:
-        spec = replace(spec, pool=0) if validation else spec
+                 validation: bool = False, labelled: set[int] | None = None, with_truth: bool = False) -> None:
+        spec = replace(spec, pool=0, synth_fraction=0.0) if validation else spec  # validation: the real kind
         self.spec, self.spacing, self.length = spec, spacing, length
         self.seed = VALIDATION_SEED + seed * 1000 if validation else seed * VALIDATION_SEED // 100
-        self.labelled = labelled
+        self.labelled, self.with_truth = labelled, with_truth
         self._cache: dict[int, dict[str, torch.Tensor]] = {}
+        self.bank = None
+        if spec.warps == "bank" and spec.kind != "phantom":
+            from .data.fieldbank import FieldBank
+
+            self.bank = FieldBank(spec.fieldbank, spacing, shape)
         if spec.kind == "phantom":
             labels = ellipsoid_labels(shape)
             self.subjects = [(phantom_image(labels), labels)]
+        elif spec.kind == "multimodal" and spec.ct_head:
+            self.subjects = [load_head(Path(spec.anatomy_dir), n, spacing, shape) for n in spec.subjects]
+        elif spec.kind == "multimodal":
+            from .data.label_protocols import tissue_map
+
+            self.subjects = []
+            for n in spec.subjects:
+                image, labels = load_subject(Path(spec.anatomy_dir), n, spacing, shape)
+                self.subjects.append((image, tissue_map(labels, tissue_classes(n))))
         else:
-            names = ["icbm152_2009a"] if spec.kind == "multimodal" else spec.subjects
-            self.subjects = [load_subject(Path(spec.anatomy_dir), n, spacing, shape) for n in names]
+            self.subjects = [load_subject(Path(spec.anatomy_dir), n, spacing, shape) for n in spec.subjects]
+        if spec.kind == "synth" or spec.synth_fraction > 0:
+            from .data.labelsynth import offset_labels
+
+            self.label_maps = offset_labels([labels for _, labels in self.subjects])
 
     def __len__(self) -> int:
         return self.length
@@ -98,23 +110,48 @@ class SyntheticPairs(Dataset):
             return item
         return self._draw(index)
 
+    def _is_synth(self, seed: int) -> bool:
+        return _is_synth_draw(self.spec, seed)
+
     def _draw(self, index: int) -> dict[str, torch.Tensor]:
         image, labels = self.subjects[index % len(self.subjects)]
         seed = self.seed + index
         spacing = (self.spacing,) * 3
         kind, spec = self.spec.kind, self.spec
-        if kind in ("known_warp", "phantom"):
+        velocity = None
+        if self.bank is not None:  # its own generator, so the rest of the pair is drawn as with random warps
+            velocity = self.bank.velocity(synth.make_generator(seed + VALIDATION_SEED // 2), spec.bank_scale,
+                                          spec.magnitude_mm, spec.affine)
+        if kind in ("known_warp", "phantom") and not self._is_synth(seed):
             pair = synth.known_warp_pair(image, labels, spacing, seed, spec.magnitude_mm, spec.affine,
-                                         boundary_landmarks=None)
-        elif kind == "label_driven":
+                                         boundary_landmarks=None, velocity=velocity)
+        elif kind == "label_driven" and not self._is_synth(seed):
             pair = synth.label_driven_pair(labels, spacing, seed, spec.magnitude_mm, spec.affine,
-                                           boundary_landmarks=None)
-        else:
-            pair = synth.multimodal_pair(labels, spacing, seed, spec.fixed_modality, spec.moving_modality,
-                                         magnitude_mm=spec.magnitude_mm, affine=spec.affine, boundary_landmarks=None)
+                                           boundary_landmarks=None, velocity=velocity)
+        elif kind == "synth" or self._is_synth(seed):
+            from .data.labelsynth import synth_pair
+
+            pair = synth_pair(self.label_maps, spacing, seed, spec.magnitude_mm, spec.affine, velocity)
+        elif spec.ct_head:
+            from .data.head import head_pair
+
+            pair = head_pair(image, labels, spacing, seed, spec.fixed_modality, spec.moving_modality,
+                             spec.magnitude_mm, spec.affine, velocity)
             pair.fixed, pair.moving = _unit_range(pair.fixed, spec.fixed_modality), _unit_range(
                 pair.moving, spec.moving_modality)
-        return _as_item(pair, self.labelled is None or self.spec.pool or index in self.labelled)
+        else:
+            pair = synth.multimodal_pair(labels, spacing, seed, spec.fixed_modality, spec.moving_modality,
+                                         magnitude_mm=spec.magnitude_mm, affine=spec.affine, boundary_landmarks=None,
+                                         velocity=velocity)
+            pair.fixed, pair.moving = _unit_range(pair.fixed, spec.fixed_modality), _unit_range(
+                pair.moving, spec.moving_modality)
+        return _as_item(pair, self.labelled is None or self.spec.pool or index in self.labelled, self.with_truth)
+
+
+def _is_synth_draw(spec: DataSpec, seed: int) -> bool:
+    """Whether the pair of `seed` is a synth pair mixed into another kind (`data.synth_fraction`)."""
+    return spec.synth_fraction > 0 and float(torch.rand((), generator=synth.make_generator(
+        seed + VALIDATION_SEED // 4))) < spec.synth_fraction
 
 
 def _unit_range(image: torch.Tensor, modality: str) -> torch.Tensor:
@@ -160,6 +197,7 @@ class FolderPairs(Dataset):
                     raise InputError(f"{folder}: listed file {c} does not exist")
         if not rows:
             raise InputError(f"{folder}: no training pairs")
+        _check_label_grids(rows)
         return rows
 
     def __len__(self) -> int:
@@ -178,3 +216,33 @@ class FolderPairs(Dataset):
                 lab = read_labels(path, like=like)
                 item[key] = torch.from_numpy(resample_array(lab.data, lab.grid, grid, order=0).astype(np.int64))[None]
         return item
+
+
+def _check_label_grids(rows: list[list[str]]) -> None:
+    """Every label map must lie on its image's grid (shape and affine, from the headers alone)."""
+    import nibabel as nib
+
+    headers: dict[str, tuple[tuple[int, ...], np.ndarray]] = {}
+
+    def grid(path: str) -> tuple[tuple[int, ...], np.ndarray]:
+        if path not in headers:
+            try:
+                image = nib.load(path)
+            except Exception as exc:  # nibabel raises many types for unreadable files
+                raise InputError(f"{path}: not a readable NIfTI image ({exc})") from exc
+            headers[path] = (tuple(image.shape[:3]), image.affine)
+        return headers[path]
+
+    for row in rows:
+        if len(row) < 4:
+            continue
+        for image, labels in ((row[0], row[2]), (row[1], row[3])):
+            if not labels:
+                continue
+            (si, ai), (sl, al) = grid(image), grid(labels)
+            if si != sl or not np.allclose(ai, al, atol=1e-3):
+                raise InputError(f"{labels}: label map grid (shape {list(sl)}, spacing "
+                                 f"{np.round(np.linalg.norm(al[:3, :3], axis=0), 3).tolist()} mm) differs from its "
+                                 f"image {image} (shape {list(si)}, spacing "
+                                 f"{np.round(np.linalg.norm(ai[:3, :3], axis=0), 3).tolist()} mm); resample the labels "
+                                 "onto the image grid (nearest neighbour) first")

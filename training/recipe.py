@@ -23,7 +23,11 @@ from DeepRegistrationLib.methods.registry import get_method
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 SCHEDULES = ("plain", "progressive", "alternating")
-DATA_KINDS = ("known_warp", "label_driven", "multimodal", "phantom", "folder")
+DATA_KINDS = ("known_warp", "label_driven", "synth", "multimodal", "phantom", "folder")
+ANATOMY_KINDS = ("known_warp", "label_driven", "synth", "multimodal")
+"""Data kinds drawn from fetched anatomy (their files are hashed into the model's data manifest)."""
+WARPS = ("random", "bank")
+LR_SCHEDULES = ("step", "cosine")
 
 
 @dataclass
@@ -31,10 +35,15 @@ class DataSpec:
     """Where training pairs come from.
 
     kind: "known_warp" (real images with random smooth warps), "label_driven" (SynthMorph-style images of real label
-    maps), "multimodal" (one subject in two synthetic contrasts), "phantom" (analytic, for tests), "folder" (a
-    user's images, see training/README.md). `subjects`: anatomy names under `anatomy_dir` (training/data/fetch.py).
-    `magnitude_mm`: peak of the random warps. `validation_pairs`: held-out pairs drawn from seeds no training pair
-    uses (and, for a folder, the last pairs of the list). `pool` > 0 draws only that many distinct training pairs
+    maps), "synth" (SynthMorph-style images of *new* label maps made by deforming and recombining the subjects'
+    maps, `training/data/labelsynth.py`), "multimodal" (one subject in two synthetic contrasts; `ct_head` renders
+    the CT from a head with skull, scalp and air), "phantom" (analytic, for tests), "folder" (a user's images, see
+    training/README.md). `subjects`: anatomy names under `anatomy_dir` (training/data/fetch.py). `held_out`:
+    subjects no training pair may come from (their file hashes are recorded to prove it; the default recipes hold
+    out Colin27). `magnitude_mm`: peak of the random warps. `warps`: "random" (random smooth SVFs) or "bank"
+    (a real inter-subject SyN field from `fieldbank`, rescaled by a factor in `bank_scale` and composed with a
+    random SVF of peak `magnitude_mm`). `validation_pairs`: held-out pairs drawn from seeds no training pair uses
+    (and, for a folder, the last pairs of the list). `pool` > 0 draws only that many distinct training pairs
     and cycles through them, each synthesised once and kept in memory (cheap CPU training); 0 draws a new pair
     for every index.
     """
@@ -42,8 +51,14 @@ class DataSpec:
     kind: str = "known_warp"
     anatomy_dir: str = "data/anatomy"
     subjects: list[str] = field(default_factory=lambda: ["icbm152_2009a", "colin27", "fsaverage"])
+    held_out: list[str] = field(default_factory=list)
     folder: str | None = None
     magnitude_mm: float = 6.0
+    warps: str = "random"
+    fieldbank: str = "data/fieldbank"
+    bank_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
+    ct_head: bool = False
+    synth_fraction: float = 0.0  # known_warp / label_driven: this fraction of training pairs is of kind "synth"
     affine: bool = False
     pool: int = 0
     fixed_modality: str = "t1"
@@ -63,6 +78,15 @@ class Recipe:
     lr: float = 1e-4
     lr_step: int = 0  # multiply the learning rate by lr_gamma every lr_step iterations (0: constant)
     lr_gamma: float = 0.5
+    # Sample-efficient changes to the paper's recipe (all off by default, so a paper recipe is unchanged;
+    # the `<method>_cpu.json` recipes switch them on; docs/MODELS.md, "Sample-efficient recipes"):
+    lr_schedule: str = "step"  # "step" (lr_step/lr_gamma) or "cosine" (warm-up, then cosine to lr_min)
+    warmup_iterations: int = 0  # linear warm-up from lr/warmup to lr over the first N iterations
+    lr_min: float = 0.0  # the cosine schedule's final rate
+    warm_start_iterations: int = 0  # the first N updates minimise the end-point error to the true field
+    dice_weight: float = 0.0  # + weight × soft Dice loss of the warped labels, wherever a pair has labels
+    output_init_std: float | None = None  # N(0, std) for the velocity output layers (None: the paper's init)
+    new_level_init: str = "paper"  # "zero": a pyramid level starts with a zero output layer (the coarser result)
     schedule: str = "plain"
     stages: list[dict[str, int]] = field(default_factory=list)
     freeze_iterations: int = 0
@@ -75,6 +99,8 @@ class Recipe:
 
     def __post_init__(self) -> None:
         spec = get_method(self.method)
+        if not spec.is_network:
+            raise InputError(f"method {self.method!r} has no network to train (it optimises each pair)")
         if isinstance(self.data, dict):
             unknown = set(self.data) - set(DataSpec.__dataclass_fields__)
             if unknown:
@@ -90,6 +116,27 @@ class Recipe:
             raise InputError(f"unknown data kind {self.data.kind!r}; use one of {', '.join(DATA_KINDS)}")
         if self.data.kind == "folder" and not self.data.folder:
             raise InputError("data kind 'folder' needs data.folder")
+        both = sorted(set(self.data.held_out) & set(self.data.subjects))
+        if both and self.data.kind in ANATOMY_KINDS:
+            raise InputError(f"subject(s) {both} are both held out and trained on; drop them from data.subjects")
+        if self.data.warps not in WARPS:
+            raise InputError(f"unknown data.warps {self.data.warps!r}; use one of {', '.join(WARPS)}")
+        if len(self.data.bank_scale) != 2 or not 0 < self.data.bank_scale[0] <= self.data.bank_scale[1]:
+            raise InputError("data.bank_scale must be [low, high] with 0 < low ≤ high")
+        if not 0.0 <= self.data.synth_fraction <= 1.0:
+            raise InputError("data.synth_fraction must be between 0 and 1")
+        if self.data.synth_fraction and self.data.kind not in ("known_warp", "label_driven"):
+            raise InputError("data.synth_fraction mixes synth pairs into known_warp or label_driven data only")
+        if self.data.ct_head and self.data.kind != "multimodal":
+            raise InputError("data.ct_head belongs to data kind 'multimodal'")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InputError(f"unknown lr_schedule {self.lr_schedule!r}; use one of {', '.join(LR_SCHEDULES)}")
+        if self.new_level_init not in ("paper", "zero"):
+            raise InputError("new_level_init must be 'paper' or 'zero'")
+        if min(self.warmup_iterations, self.warm_start_iterations) < 0 or self.dice_weight < 0:
+            raise InputError("warmup_iterations, warm_start_iterations and dice_weight must be ≥ 0")
+        if self.warm_start_iterations and self.data.kind == "folder":
+            raise InputError("warm_start_iterations needs synthetic pairs with a known field, not data kind 'folder'")
         if self.schedule == "progressive" and not self.stages:
             raise InputError("a progressive schedule needs stages")
         if self.stages and sum(s["iterations"] for s in self.stages) != self.iterations:
@@ -121,7 +168,8 @@ class Recipe:
 
 
 def load_recipe(name_or_path: str) -> Recipe:
-    """A recipe by method name (training/recipes/<name>.json) or by path."""
+    """A recipe by name (training/recipes/<name>.json: a method's paper recipe, or `<method>_cpu` for its
+    CPU-budget variant) or by path."""
     path = Path(name_or_path)
     if not path.suffix:
         path = RECIPES_DIR / f"{name_or_path}.json"
@@ -131,3 +179,21 @@ def load_recipe(name_or_path: str) -> Recipe:
         return Recipe.from_dict(json.loads(path.read_text()))
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def apply_sets(recipe_dict: dict, sets: list[str]) -> dict:
+    """`--set key=value` changes (JSON values; dotted keys reach config.* and data.*) applied to a recipe dict."""
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"--set expects key=value, got {item!r}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        target = recipe_dict
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[leaf] = parsed
+    return recipe_dict

@@ -36,7 +36,9 @@ from DeepRegistrationLib.methods.models import save_model
 from DeepRegistrationLib.methods.networks.base import RegistrationNetwork
 from DeepRegistrationLib.core.padding import crop_to_shape, pad_to_multiple
 
+from . import efficient
 from .datasets import FolderPairs, SyntheticPairs
+from .provenance import data_manifest
 from .recipe import Recipe
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -55,17 +57,6 @@ def code_version() -> str:
     return f"{__version__}+{commit}" if commit else __version__
 
 
-def data_manifest(recipe: Recipe) -> dict[str, Any]:
-    """What the run trained on: the data spec and the sha256 manifests of the fetched anatomy."""
-    out: dict[str, Any] = {"spec": recipe.to_dict()["data"]}
-    if recipe.data.kind in ("known_warp", "label_driven", "multimodal"):
-        for name in recipe.data.subjects:
-            manifest = Path(recipe.data.anatomy_dir) / name / "manifest.json"
-            if manifest.is_file():
-                out[name] = json.loads(manifest.read_text()).get("files", {})
-    return out
-
-
 def build_datasets(recipe: Recipe, network: RegistrationNetwork) -> tuple[Dataset, Dataset]:
     """Training and held-out validation pairs; errors come before any compute."""
     config, data = network.config, recipe.data
@@ -82,8 +73,10 @@ def build_datasets(recipe: Recipe, network: RegistrationNetwork) -> tuple[Datase
         from DeepRegistrationLib.methods.networks.macjnet import labelled_pairs
 
         labelled = set(labelled_pairs(length, config.labelled_fraction, recipe.seed))
-    train = SyntheticPairs(data, spacing, shape, length, recipe.seed, labelled=labelled)
-    val = SyntheticPairs(data, spacing, shape, data.validation_pairs, recipe.seed, validation=True)
+    truth = recipe.warm_start_iterations > 0
+    train = SyntheticPairs(data, spacing, shape, length, recipe.seed, labelled=labelled, with_truth=truth)
+    val = SyntheticPairs(data, spacing, shape, data.validation_pairs, recipe.seed, validation=True,
+                         with_truth=True)
     return train, val
 
 
@@ -177,13 +170,28 @@ class Trainer:
         from DeepRegistrationLib.methods.registry import get_method
 
         self.spec = get_method(recipe.method)
-        self.network = self.spec.build(recipe.method_config()).to(self.device)
+        self.data_record = data_manifest(recipe)  # hashes and hold-out checks before any compute
+        self.network = self.spec.build(recipe.method_config())
+        self.initialised = self._initialise(self.network)
+        self.network = self.network.to(self.device)
         self.train_set, self.val_set = build_datasets(recipe, self.network)
         self.optimisers = self._optimisers()
         self.iteration = 0
         self.elapsed = 0.0
         self.logger = Logger(self.out, self.rank == 0)
         self.last_validation: dict[str, float] = {}
+        self.validation_s = 0.0  # wall time spent validating (a time budget excludes it)
+
+    def _initialise(self, network: RegistrationNetwork) -> dict[str, list[str]]:
+        """The recipe's output-layer initialisation (`output_init_std`) and zero output layers for the pyramid
+        levels that later stages add (`new_level_init` "zero"); returns the layers changed."""
+        r, done = self.recipe, {}
+        if r.output_init_std is not None:
+            done["output_init_std"] = efficient.init_output_layers(network, r.output_init_std)
+        if r.new_level_init == "zero" and r.stages:
+            first = r.stages[0]["levels"]
+            done["zero_levels"] = efficient.zero_level_outputs(network, list(range(first + 1, 4)))
+        return done
 
     def _device(self, device: str) -> torch.device:
         if device == "auto":
@@ -225,13 +233,30 @@ class Trainer:
         return state
 
     def _set_learning_rate(self, optimiser: torch.optim.Optimizer) -> None:
-        """Step decay: the initial rate times lr_gamma^(iteration // lr_step) (a function of the iteration alone,
-        so a resumed run continues it exactly)."""
-        if not self.recipe.lr_step:
+        """The recipe's schedule (`efficient.learning_rate`: step decay, or warm-up and cosine) from each group's
+        initial rate; a function of the iteration alone, so a resumed run continues it exactly."""
+        r = self.recipe
+        if not (r.lr_step or r.warmup_iterations or r.lr_schedule == "cosine"):
             return
         for group in optimiser.param_groups:
             group.setdefault("initial_lr", group["lr"])
-            group["lr"] = group["initial_lr"] * self.recipe.lr_gamma ** (self.iteration // self.recipe.lr_step)
+            group["lr"] = efficient.learning_rate(r, group["initial_lr"], self.iteration)
+
+    def loss_terms(self, output, batch: dict[str, torch.Tensor], stage: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The paper's loss, or during the warm start the end-point error to the true field; plus the labels'
+        Dice term (`dice_weight`) on registration updates of pairs with labels."""
+        r = self.recipe
+        registration = stage.get("stage", "registration") == "registration"
+        if registration and self.iteration < r.warm_start_iterations and "displacement" in batch:
+            epe = efficient.end_point_error(output, batch, self.network.config.working_spacing)
+            return {"epe_mm": epe, "total": epe}
+        terms = self.network.loss(output, batch)
+        if registration and r.dice_weight > 0:
+            dice = efficient.label_dice_loss(output, batch)
+            if dice is not None:
+                terms["dice"] = dice
+                terms["total"] = terms["total"] + r.dice_weight * dice
+        return terms
 
     def _apply_stage(self, stage: dict[str, Any]) -> None:
         net = self.network
@@ -252,7 +277,7 @@ class Trainer:
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"method": self.recipe.method, "recipe": self.recipe.to_dict(),
                 "config": self.network.config.to_dict(), "iteration": self.iteration, "seed": self.recipe.seed,
-                "code_version": code_version(), "data": data_manifest(self.recipe),
+                "code_version": code_version(), "data": self.data_record, "initialised": self.initialised,
                 "wall_time_s": round(self.elapsed, 1), "world_size": self.world,
                 "hardware": {"device": str(self.device), "cpu": platform.processor() or platform.machine(),
                              "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None},
@@ -283,6 +308,12 @@ class Trainer:
         if meta["config"] != self.network.config.to_dict():
             diff = sorted(k for k in meta["config"] if meta["config"][k] != self.network.config.to_dict().get(k))
             raise InputError(f"{meta_path}: checkpoint config differs from the recipe's in {diff}")
+        if meta.get("data") != self.data_record:
+            old, new = meta.get("data") or {}, self.data_record
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise InputError(f"{meta_path}: the checkpoint was trained on other data than this recipe reads "
+                             f"(data manifest differs in {diff}); resume with the recorded recipe and anatomy, "
+                             "or start a new run with another --out")
         tensors = load_file(str(self.out / CHECKPOINT))
         self.network.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         load_optimiser_state(self.optimisers, tensors, meta)
@@ -297,10 +328,16 @@ class Trainer:
         return iter(DataLoader(self.train_set, batch_size=self.recipe.batch_size, sampler=sampler,
                                num_workers=self.recipe.workers, persistent_workers=self.recipe.workers > 0))
 
-    def train(self, max_iterations: int | None = None, progress: bool = True) -> Path:
-        """Train to `recipe.iterations` (or `max_iterations` more); returns the checkpoint path."""
+    def train(self, max_iterations: int | None = None, progress: bool = True, max_seconds: float | None = None,
+              on_validation=None) -> Path:
+        """Train to `recipe.iterations` (or `max_iterations` more, or until `max_seconds` of wall time, validation
+        excluded, have passed in this call: then the stop iteration is validated and checkpointed); returns the
+        checkpoint path.
+        `on_validation(trainer, summary)` is called after every validation (`compare` records its curve)."""
         r = self.recipe
         end = r.iterations if max_iterations is None else min(r.iterations, self.iteration + max_iterations)
+        started, validated = time.perf_counter(), self.validation_s
+        self.on_validation = on_validation
         model = None
         current_stage: dict[str, Any] | None = None
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if r.amp and self.device.type == "cuda"
@@ -314,6 +351,13 @@ class Trainer:
         running: dict[str, list[torch.Tensor]] = {}  # detached terms, read out only when logged (no sync)
         self.network.train()
         while self.iteration < end:
+            if max_seconds is not None and (time.perf_counter() - started
+                                            - (self.validation_s - validated)) >= max_seconds:
+                end = self.iteration  # out of budget: validate and checkpoint these weights below
+                if self.last_validation.get("iteration") != self.iteration:
+                    self.validate()
+                self.save_checkpoint()
+                break
             stage = self.stage_at(self.iteration)
             if stage != current_stage or model is None:
                 self._apply_stage(stage)
@@ -328,7 +372,7 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
             with autocast:
                 output = model(batch["fixed"], batch["moving"])
-                terms = self.network.loss(output, batch)
+                terms = self.loss_terms(output, batch, stage)
             terms["total"].backward()
             for opt in optimisers:
                 opt.step()
@@ -358,11 +402,13 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Loss, mean Dice of warped labels (and of the identity) and % det J ≤ 0 on the held-out pairs."""
         net = self.network
+        clock = time.perf_counter()
         was = net.active_levels if hasattr(net, "active_levels") else None
         net.eval()
         if hasattr(net, "set_stage"):  # macjnet: validation scores the registration, whichever update came last
             net.set_stage("registration")
-        totals: dict[str, list[float]] = {"loss": [], "dice": [], "dice_identity": [], "folding_percent": []}
+        totals: dict[str, list[float]] = {"loss": [], "dice": [], "dice_identity": [], "folding_percent": [],
+                                          "epe_mm": []}
         for i in range(len(self.val_set)):
             item = self.val_set[i]
             batch = _batch_to({k: v[None] for k, v in item.items()}, self.device, net.multiple)
@@ -372,6 +418,9 @@ class Trainer:
             disp = crop_to_shape(output.displacement.float(), shape)
             det = warp.jacobian_determinant(disp)
             totals["folding_percent"].append(float((det <= 0).float().mean()) * 100)
+            if "displacement" in item:
+                error = (disp.cpu() - item["displacement"][None].float()).norm(dim=1).mean()
+                totals["epe_mm"].append(float(error) * net.config.working_spacing)
             if "fixed_labels" in item:
                 fixed_labels = item["fixed_labels"][0].numpy()
                 moving_labels = crop_to_shape(batch["moving_labels"], shape)
@@ -385,6 +434,9 @@ class Trainer:
             net.active_levels = was
         self.last_validation = {**summary, "iteration": self.iteration}
         self.logger.log(self.iteration, "validation", summary)
+        self.validation_s += time.perf_counter() - clock
+        if getattr(self, "on_validation", None) is not None:
+            self.on_validation(self, summary)
         return summary
 
     def export(self, path: str | Path) -> Path:

@@ -93,3 +93,30 @@ def read_label_table(path: Path) -> dict[int, str]:
             raise LabelTableError(f"{path}:{n}: expected 'id<TAB>name', got {line!r}")
         table[int(parts[0])] = parts[1].strip()
     return table
+
+
+ASEG_TISSUE: dict[int, str] = {
+    **{i: "gm" for i in (3, 42, 8, 47, 10, 49, 11, 50, 12, 51, 13, 52, 17, 53, 18, 54, 26, 58)},
+    **{i: "wm" for i in (2, 41, 7, 46, 77, 251, 252, 253, 254, 255, 16, 28, 60, 85)},
+    **{i: "csf" for i in (4, 5, 14, 15, 24, 43, 44, 30, 62, 31, 63)},
+}
+"""FreeSurfer aseg id → tissue class of `synth.TISSUE_CLASSES` (grey: cortex and subcortical grey as in the
+benchmark's fsaverage `gray_matter`; white: cerebral and cerebellar white matter, brain stem, ventral DC, optic
+chiasm; CSF: ventricles, CSF, vessels and choroid plexus)."""
+
+TISSUE_IDS = {"csf": 1, "gm": 2, "wm": 3}
+
+
+def tissue_map(labels: np.ndarray | torch.Tensor, classes: dict[int, str]) -> np.ndarray | torch.Tensor:
+    """A label map relabelled to tissue ids (1 CSF, 2 GM, 3 WM) through `classes` (label id → class); ids
+    without a class become 0."""
+    lut = np.zeros(max(max(classes), 0) + 1, dtype=np.int64)
+    for label, tissue in classes.items():
+        lut[label] = TISSUE_IDS.get(tissue, 0)
+    if isinstance(labels, torch.Tensor):
+        idx = labels.long()
+        inside = (idx >= 0) & (idx < len(lut))
+        return torch.where(inside, torch.from_numpy(lut)[idx.clamp(0, len(lut) - 1)], 0)
+    idx = np.asarray(labels).astype(np.int64)
+    inside = (idx >= 0) & (idx < len(lut))
+    return np.where(inside, lut[np.clip(idx, 0, len(lut) - 1)], 0)

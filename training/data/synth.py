@@ -202,10 +202,12 @@ def transform_points(points: Tensor, displacement: Tensor) -> Tensor:
 
 def _pair(shape: Sequence[int], spacing: Spacing, generator: torch.Generator, labels: Tensor | None,
           render: Callable[[Tensor], tuple[Tensor, Tensor]], magnitude_mm: float, affine: bool,
-          boundary_landmarks: int | None) -> SyntheticPair:
-    """Draw v, then render (fixed, moving) given u⁻¹ and attach labels and (unless `boundary_landmarks` is None,
-    as in training, where they are not used) landmarks."""
-    velocity = random_velocity(shape, generator, spacing, magnitude_mm, affine=affine)
+          boundary_landmarks: int | None, velocity: Tensor | None = None) -> SyntheticPair:
+    """Draw v (unless given: e.g. a field-bank warp, `fieldbank.FieldBank.velocity`), then render (fixed, moving)
+    given u⁻¹ and attach labels and (unless `boundary_landmarks` is None, as in training, where they are not used)
+    landmarks."""
+    if velocity is None:
+        velocity = random_velocity(shape, generator, spacing, magnitude_mm, affine=affine)
     displacement = warp.integrate_velocity(velocity)
     inverse = warp.integrate_velocity(-velocity)
     fixed, moving = render(inverse)
@@ -222,7 +224,7 @@ def _pair(shape: Sequence[int], spacing: Spacing, generator: torch.Generator, la
 
 def known_warp_pair(image: Tensor, labels: Tensor | None = None, spacing: Spacing = (1.0, 1.0, 1.0),
                     seed: Seed = 0, magnitude_mm: float = 6.0, affine: bool = False, perturb_fixed: bool = True,
-                    boundary_landmarks: int | None = 4) -> SyntheticPair:
+                    boundary_landmarks: int | None = 4, velocity: Tensor | None = None) -> SyntheticPair:
     """A real image and a random known warp of it: fixed = image, moving = image ∘ φ⁻¹ (see module docstring).
 
     Both get independent `perturb_intensity` (the fixed one only if `perturb_fixed`); landmarks need `labels`.
@@ -235,7 +237,8 @@ def known_warp_pair(image: Tensor, labels: Tensor | None = None, spacing: Spacin
         fixed = perturb_intensity(image, generator, spacing) if perturb_fixed else image
         return fixed, perturb_intensity(warp.warp_image(image, inverse), generator, spacing)
 
-    return _pair(image.shape[2:], spacing, generator, labels, render, magnitude_mm, affine, boundary_landmarks)
+    return _pair(image.shape[2:], spacing, generator, labels, render, magnitude_mm, affine, boundary_landmarks,
+                 velocity)
 
 
 def label_driven_image(labels: Tensor, generator: torch.Generator, spacing: Spacing = (1.0, 1.0, 1.0)) -> Tensor:
@@ -249,7 +252,8 @@ def label_driven_image(labels: Tensor, generator: torch.Generator, spacing: Spac
 
 
 def label_driven_pair(labels: Tensor, spacing: Spacing = (1.0, 1.0, 1.0), seed: Seed = 0,
-                      magnitude_mm: float = 6.0, affine: bool = False, boundary_landmarks: int | None = 4) -> SyntheticPair:
+                      magnitude_mm: float = 6.0, affine: bool = False, boundary_landmarks: int | None = 4,
+                      velocity: Tensor | None = None) -> SyntheticPair:
     """Two independent label-driven images of one label map, the moving one warped by u⁻¹."""
     generator = make_generator(seed)
     labels = _as_volume(labels).long()
@@ -258,7 +262,8 @@ def label_driven_pair(labels: Tensor, spacing: Spacing = (1.0, 1.0, 1.0), seed: 
         fixed = label_driven_image(labels, generator, spacing)
         return fixed, warp.warp_image(label_driven_image(labels, generator, spacing), inverse)
 
-    return _pair(labels.shape[2:], spacing, generator, labels, render, magnitude_mm, affine, boundary_landmarks)
+    return _pair(labels.shape[2:], spacing, generator, labels, render, magnitude_mm, affine, boundary_landmarks,
+                 velocity)
 
 
 def multimodal_contrast(labels: Tensor, modality: str, generator: Seed = 0,
@@ -296,7 +301,7 @@ def multimodal_contrast(labels: Tensor, modality: str, generator: Seed = 0,
 def multimodal_pair(labels: Tensor, spacing: Spacing = (1.0, 1.0, 1.0), seed: Seed = 0,
                     fixed_modality: str = "t1", moving_modality: str = "t2",
                     classes: dict[int, str] | None = None, magnitude_mm: float = 6.0, affine: bool = False,
-                    boundary_landmarks: int | None = 4) -> SyntheticPair:
+                    boundary_landmarks: int | None = 4, velocity: Tensor | None = None) -> SyntheticPair:
     """One subject (a tissue label map) in two modalities, the moving one warped by u⁻¹."""
     generator = make_generator(seed)
     labels = _as_volume(labels).long()
@@ -306,4 +311,5 @@ def multimodal_pair(labels: Tensor, spacing: Spacing = (1.0, 1.0, 1.0), seed: Se
         moving = multimodal_contrast(labels, moving_modality, generator, classes)
         return fixed, warp.warp_image(moving, inverse)
 
-    return _pair(labels.shape[2:], spacing, generator, labels, render, magnitude_mm, affine, boundary_landmarks)
+    return _pair(labels.shape[2:], spacing, generator, labels, render, magnitude_mm, affine, boundary_landmarks,
+                 velocity)

@@ -20,6 +20,7 @@ from ..core.resample import resample_array
 from ..methods.models import load_model
 from ..methods.networks.base import RegistrationNetwork, RegistrationOutput
 from .resources import available_bytes, estimate_peak_bytes
+from .roles import inverted
 from .transforms import Estimate, affine_to_ras, working_grid
 
 Progress = Callable[[str, float], None]
@@ -30,14 +31,22 @@ MAX_WORKING_SPACING = 4.0
 
 def network_estimate(net: RegistrationNetwork, fixed_n: np.ndarray, fixed_grid: Grid, moving_n: np.ndarray,
                      moving_grid: Grid, pre: np.ndarray, device: torch.device, instance_steps: int,
-                     progress: Progress | None, cancel: Callable[[], bool] | None) -> tuple[Estimate, torch.device]:
-    """Run `net` on the normalised pair seen through `pre`; returns its estimate and the device it ran on."""
+                     progress: Progress | None, cancel: Callable[[], bool] | None,
+                     swapped: bool = False) -> tuple[Estimate, torch.device]:
+    """Run `net` on the normalised pair seen through `pre`; returns its estimate and the device it ran on.
+
+    `swapped`: the model was trained with the two modalities the other way round, so it runs on (moving, fixed)
+    and its output is inverted (`engine.roles`)."""
     spacing = net.config.working_spacing
     grid_w = working_grid(fixed_grid, spacing, net.multiple)
     device, grid_w = _fit_memory(net, device, grid_w, fixed_grid, spacing)
     ft = torch.from_numpy(resample_array(fixed_n, fixed_grid, grid_w))[None, None]
     mt = torch.from_numpy(resample_array(moving_n, moving_grid, grid_w, transform=pre))[None, None]
-    output, device = _run(net, ft, mt, device, instance_steps, progress, cancel)
+    if swapped:
+        output, device = _run(net, mt, ft, device, instance_steps, progress, cancel)
+        output = inverted(output, net, tuple(ft.shape[2:]))
+    else:
+        output, device = _run(net, ft, mt, device, instance_steps, progress, cancel)
     affine = pre
     displacement = output.displacement
     if output.affine is not None:  # jad: displacement = compose(affine, deformable); keep them apart

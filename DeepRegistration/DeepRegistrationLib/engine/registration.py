@@ -33,6 +33,7 @@ from .options import PREALIGN_CHOICES, RegistrationOptions
 from .refine import optimise_affine, optimise_svf
 from .refine_settings import RefineSettings, preset_settings
 from .resources import resolve_device
+from .roles import roles_swapped
 from .results import RegistrationResult, RunInfo
 from .transforms import Estimate, velocity_on, working_grid
 
@@ -161,11 +162,11 @@ def register(fixed: Image, moving: Image, options: RegistrationOptions | None = 
     net, meta = load_model(spec.name, options.weights, options.parameters or None) if spec.is_network else (None, {})
     modalities = (options.fixed_modality, options.moving_modality)
     trained = trained_modalities(meta)
-    if trained is not None and trained != modalities:
-        swap = " (swap fixed and moving)" if trained == modalities[::-1] else ""
+    swapped = roles_swapped(trained, modalities)  # run it the way round it was trained, return the inverse
+    if trained is not None and trained != modalities and not swapped:
         warnings.warn(f"the {spec.name} model was trained on fixed {trained[0].upper()} / moving "
                       f"{trained[1].upper()} pairs, not fixed {modalities[0].upper()} / moving "
-                      f"{modalities[1].upper()}{swap}: its validation numbers do not describe this warp")
+                      f"{modalities[1].upper()}: its validation numbers do not describe this warp")
     fixed_n = normalize_intensity(fixed.data, options.fixed_modality, fixed.source)
     moving_n = normalize_intensity(moving.data, options.moving_modality, moving.source)
     masks = {"fixed_mask": None if fixed_mask is None else fixed_mask.data != 0,
@@ -189,7 +190,7 @@ def register(fixed: Image, moving: Image, options: RegistrationOptions | None = 
     if net is not None:
         stages("network", 0.2)
         estimate, dev = network_estimate(net, fixed_n, fixed.grid, moving_n, moving.grid, pre, dev,
-                                         options.instance_optimization, stages.within(0.2, 0.4), cancel)
+                                         options.instance_optimization, stages.within(0.2, 0.4), cancel, swapped)
     if settings is not None:
         stages("refinement", 0.4)
         estimate = _refine(estimate, pre, settings, fixed_n, fixed.grid, moving_n, moving.grid, multimodal,

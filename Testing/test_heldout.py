@@ -1,0 +1,151 @@
+"""Held-out evaluation: the data manifest proves the hold-out, a leak is caught before training, the shipped models
+hold out what their records claim, and the benchmark reports per network the pairs whose anatomy it never saw."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from DeepRegistrationLib.core.errors import InputError
+from DeepRegistrationLib.methods.models import read_metadata
+from DeepRegistrationLib.methods.registry import METHODS
+from benchmark.heldout import held_out_for, held_out_pairs, model_hashes
+from benchmark.methods import available_methods, network_method
+from benchmark.run import summary_markdown
+from benchmark.suite import SUITE_V1_PATH, load_manifest
+from training.provenance import data_manifest, leaks, training_hashes
+from training.recipe import Recipe
+
+SHIPPED = sorted(name for name, spec in METHODS.items() if spec.weights_path.is_file())
+RECORDS = {name: read_metadata(METHODS[name].weights_path)["record"] for name in SHIPPED}
+
+
+def _fake_anatomy(root, subjects: dict[str, dict[str, bytes]]):
+    for name, files in subjects.items():
+        folder = root / name
+        folder.mkdir(parents=True)
+        for file, content in files.items():
+            (folder / file).write_bytes(content)
+        (folder / "manifest.json").write_text(json.dumps({"files": {f: "" for f in files}}))
+
+
+def _recipe(anatomy, **data):
+    return Recipe.from_dict({"method": "voxelmorph", "config": {"working_shape": [16, 16, 16]}, "iterations": 1,
+                             "data": {"kind": "known_warp", "anatomy_dir": str(anatomy), **data}})
+
+
+def test_data_manifest_records_training_and_held_out_hashes(tmp_path):
+    _fake_anatomy(tmp_path, {"a": {"t1.nii.gz": b"A"}, "b": {"t1.nii.gz": b"B"}, "c": {"t1.nii.gz": b"C"}})
+    manifest = data_manifest(_recipe(tmp_path, subjects=["a", "b"], held_out=["c"]))
+    assert set(manifest) == {"spec", "a", "b", "held_out"} and set(manifest["held_out"]) == {"c"}
+    assert manifest["held_out"]["c"]["t1.nii.gz"] not in training_hashes(manifest)
+    assert leaks(manifest) == []
+
+
+def test_a_leak_and_a_missing_held_out_subject_stop_before_compute(tmp_path):
+    _fake_anatomy(tmp_path, {"a": {"t1.nii.gz": b"A"}, "b": {"t1.nii.gz": b"B"}, "c": {"copy.nii.gz": b"A"}})
+    with pytest.raises(InputError, match="held-out subject 'colin28': no fetch manifest"):
+        data_manifest(_recipe(tmp_path, subjects=["a", "b"], held_out=["colin28"]))
+    with pytest.raises(InputError, match="held-out anatomy would be trained on: c/copy.nii.gz is also a/t1.nii.gz"):
+        data_manifest(_recipe(tmp_path, subjects=["a", "b"], held_out=["c"]))
+    with pytest.raises(InputError, match="both held out and trained on"):
+        _recipe(tmp_path, subjects=["a", "c"], held_out=["c"])
+
+
+def test_a_synthetic_record_with_a_leak_is_caught():
+    """The check the shipped-model test applies, on a record whose 'icbm' files include one of colin27's."""
+    colin = {"ch2bet.nii.gz": "1" * 64, "aal.nii.gz": "2" * 64}
+    record = {"data": {"spec": {"held_out": ["colin27"]}, "icbm": {"t1.nii.gz": "3" * 64, "x.nii.gz": "2" * 64},
+                       "held_out": {"colin27": colin}}}
+    assert leaks(record["data"]) == [("colin27", "aal.nii.gz", "icbm/x.nii.gz")]
+    assert leaks({**record["data"], "icbm": {"t1.nii.gz": "3" * 64}}) == []
+    manifest = load_manifest()
+    colin_only = [s for s in manifest.pairs.values() if set(s.subjects) <= {"colin27", "colin27_head"}]
+    hashes = lambda s: set(colin.values()) if s.startswith("colin27") else {"3" * 64}  # noqa: E731
+    assert held_out_for(model_hashes(record), colin_only, hashes) == []  # the leak also hides the pairs
+    clean = {"data": {**record["data"], "icbm": {"t1.nii.gz": "3" * 64}}}
+    assert held_out_for(model_hashes(clean), colin_only, hashes) == [s.id for s in colin_only]
+
+
+def _colin27_hashes() -> set[str]:
+    """Colin27's file hashes as every shipped record knows them (held out or trained on)."""
+    out = set()
+    for record in RECORDS.values():
+        data = record.get("data", {})
+        out |= set(data.get("colin27", {}).values()) | set(data.get("held_out", {}).get("colin27", {}).values())
+    return out
+
+
+def test_every_shipped_model_that_holds_out_colin27_never_saw_it():
+    """The rule for every file in Resources/Models: a record whose data spec holds out Colin27 lists Colin27's
+    files, and none of their hashes (nor any Colin27 hash another record knows) is among its training hashes.
+    Today's models were trained before the hold-out (their records say so); the retrained ones must pass."""
+    checked = []
+    for name in SHIPPED:
+        data = RECORDS[name].get("data", {})
+        if "colin27" not in data.get("spec", {}).get("held_out", []):
+            continue
+        assert data.get("held_out", {}).get("colin27"), f"{name}: the record lists no Colin27 files"
+        known = _colin27_hashes() | set(data["held_out"]["colin27"].values())
+        assert leaks(data, {"colin27": {f"file{i}": h for i, h in enumerate(sorted(known))}}) == [], name
+        checked.append(name)
+    untrained_on_rule = [n for n in SHIPPED if n not in checked]
+    assert all("held_out" not in RECORDS[n]["data"]["spec"] for n in untrained_on_rule)
+
+
+def _recorded_subject_hashes(manifest):
+    """subject → its files' hashes as recorded in the shipped models (the fetch is deterministic)."""
+    def hashes(subject: str) -> set[str]:
+        folder = manifest.subjects[subject]["image"].split("/")[0]
+        out = set()
+        for record in RECORDS.values():
+            data = record.get("data", {})
+            out |= set(data.get(folder, {}).values()) | set(data.get("held_out", {}).get(folder, {}).values())
+        return out
+    return hashes
+
+
+@pytest.mark.parametrize("path", [None, SUITE_V1_PATH])
+def test_held_out_pairs_of_todays_models(path):
+    """Models trained on all three subjects have no held-out pair; a model that held out Colin27 has every
+    Colin27-only pair; one trained on ICBM152 alone (today's macjnet) has exactly the pairs without ICBM152."""
+    manifest = load_manifest(path) if path else load_manifest()
+    specs = list(manifest.pairs.values())
+    methods = [network_method(n) for n in SHIPPED]
+    held = held_out_pairs(manifest, specs, methods, anatomy_dir=None, records=RECORDS,
+                          subject_hashes=_recorded_subject_hashes(manifest))
+    for method in methods:
+        spec = RECORDS[method.name]["data"]["spec"]
+        trained = {s.split("_")[0] for s in spec["subjects"]}  # icbm152, colin27, fsaverage
+        applicable = [s for s in specs if method.applies_to(s)]
+        expected = [s.id for s in applicable if not trained & {x.split("_")[0] for x in s.subjects}]
+        assert held[method.name] == expected, method.name
+        if {"icbm152", "colin27", "fsaverage"} <= trained:
+            assert held[method.name] == [], f"{method.name} saw every subject"
+        if "colin27" in spec.get("held_out", []):
+            assert {s.id for s in applicable if set(s.subjects) <= {"colin27", "colin27_head"}} <= set(held[method.name])
+
+
+def test_summary_reports_held_out_rows_separately():
+    records = [{"pair": p, "kind": "known_warp", "method": m, "error": "", "dice": d, "hd95": 1.0, "assd": 0.5,
+                "folding_pct": 0.0, "sdlogj": 0.1, "tre_mm": 1.0, "epe_mm": 1.0, "seconds": 1.0, "peak_mb": 10.0}
+               for p, m, d in [("kw_a", "identity", 0.5), ("kw_a", "lapirn", 0.8), ("kw_b", "identity", 0.6),
+                               ("kw_b", "lapirn", 0.9)]]
+    info = {"held_out": {"lapirn": ["kw_b"]}, "resolution_mm": 2.0, "started": "", "finished": "",
+            "machine": {"cpu": "cpu", "cores": 2, "threads": 1, "versions": {}}}
+    text = summary_markdown(records, info)
+    section = text[text.index("### Held-out anatomy"):text.index("### Per pair")]
+    assert "Pairs whose anatomy lapirn never saw: kw_b." in section
+    assert "| lapirn | 1 | 0.900 |" in section and "| identity | 1 | 0.600 |" in section
+    none = summary_markdown(records, {**info, "held_out": {"lapirn": []}})
+    assert "No network has a held-out pair" in none
+
+
+def test_v1_stays_readable_and_v2_adds_ct_pairs_in_both_directions():
+    v1, v2 = load_manifest(SUITE_V1_PATH), load_manifest()
+    assert v1.version == 1 and v2.version == 2 and set(v1.pairs) < set(v2.pairs)
+    ct = v2.select(["ct_mr"])
+    assert {s.modalities for s in ct} == {("ct", "mr"), ("mr", "ct")}
+    assert all(s.multimodal for s in ct)
+    assert [m.name for m in available_methods(v2, ["identity"])] == ["identity"]
