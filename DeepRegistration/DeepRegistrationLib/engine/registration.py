@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from typing import Callable
 
 import numpy as np
 import torch
 
-from ..core.errors import Cancelled, InputError, ResourceError
+from ..core.errors import Cancelled, InputError, ResourceError, recorded_warnings, warn
 from ..core.field import DisplacementField
 from ..core.geometry import Grid
 from ..core.image import Image
@@ -27,8 +26,8 @@ from ..core.resample import index_map, normalize_intensity, resample_array
 from ..core.warp import identity_grid, integrate_velocity, resize_field, sample
 from ..methods.models import load_model, trained_modalities
 from ..methods.networks.base import RegistrationNetwork, RegistrationOutput
-from .evaluation import check_landmarks, check_mask, evaluate
-from .options import PREALIGN_CHOICES, RegistrationOptions
+from .evaluation import check_landmarks, check_mask, check_overlap, evaluate
+from .options import RegistrationOptions, check_options
 from .resources import available_bytes, estimate_peak_bytes, resolve_device
 from .results import RegistrationResult, RunInfo
 
@@ -175,18 +174,25 @@ def register(fixed: Image, moving: Image, options: RegistrationOptions | None = 
 
     Labels (on their image's grid) and matched RAS landmarks [N, 3] only score the result; `mask` (on the fixed grid)
     adds det J statistics inside it. Raises InputError for bad input, ResourceError when the machine cannot run it,
-    Cancelled when `cancel()` turns True.
+    Cancelled when `cancel()` turns True. Options are checked first (`options.check_options`); the warnings issued
+    on the way are listed in the result's `metrics.warnings` (and issued as usual).
     """
-    options = options or RegistrationOptions()
+    with recorded_warnings() as messages:
+        result = _register(fixed, moving, check_options(options or RegistrationOptions()), fixed_labels,
+                           moving_labels, fixed_points, moving_points, mask, progress, cancel)
+    result.metrics.warnings = messages
+    return result
+
+
+def _register(fixed: Image, moving: Image, options: RegistrationOptions, fixed_labels: Image | None,
+              moving_labels: Image | None, fixed_points: np.ndarray | None, moving_points: np.ndarray | None,
+              mask: Image | None, progress: Progress | None,
+              cancel: Callable[[], bool] | None) -> RegistrationResult:
     stages = _Stages(progress, cancel)
     stages("preprocessing", 0.0)
     _check_image(fixed, "fixed")
     _check_image(moving, "moving")
-    if options.prealign not in PREALIGN_CHOICES:
-        raise InputError(f"unknown pre-alignment {options.prealign!r}; use one of {', '.join(PREALIGN_CHOICES)}")
-    if options.instance_optimization < 0:
-        raise InputError("instance optimisation steps must be ≥ 0")
-    check_landmarks(fixed_points, moving_points, fixed.grid)
+    check_landmarks(fixed_points, moving_points, fixed.grid, moving.grid)
     if mask is not None:
         check_mask(mask, fixed.grid)
     if (fixed_labels is None) != (moving_labels is None):
@@ -202,7 +208,7 @@ def register(fixed: Image, moving: Image, options: RegistrationOptions | None = 
     trained = trained_modalities(meta)
     if trained is not None and trained != modalities:
         swap = " (swap fixed and moving)" if trained == modalities[::-1] else ""
-        warnings.warn(f"the {method} model was trained on fixed {trained[0].upper()} / moving {trained[1].upper()} "
+        warn(f"the {method} model was trained on fixed {trained[0].upper()} / moving {trained[1].upper()} "
                       f"pairs, not fixed {modalities[0].upper()} / moving {modalities[1].upper()}{swap}: its "
                       "validation numbers do not describe this warp")
     fixed_n = normalize_intensity(fixed.data, options.fixed_modality, fixed.source)
@@ -215,6 +221,7 @@ def register(fixed: Image, moving: Image, options: RegistrationOptions | None = 
         if method == "jad":
             raise InputError("prealign 'jad' with method 'jad' is redundant; use prealign 'none'")
         pre = _jad_prealign(fixed, moving, fixed_n, moving_n, dev, stages)
+    check_overlap(fixed, moving, pre)
 
     spacing = net.config.working_spacing
     grid_w = working_grid(fixed.grid, spacing, net.multiple)
@@ -271,14 +278,14 @@ def _fit_memory(net: RegistrationNetwork, dev: torch.device, grid_w: Grid, fixed
         if need <= free:
             return dev, grid_w
         if dev.type != "cpu":
-            warnings.warn(f"{dev}: estimated {need / 2**30:.1f} GiB exceeds free {free / 2**30:.1f} GiB; using the CPU")
+            warn(f"{dev}: estimated {need / 2**30:.1f} GiB exceeds free {free / 2**30:.1f} GiB; using the CPU")
             dev = torch.device("cpu")
             continue
         spacing *= 1.5
         if spacing > MAX_WORKING_SPACING:
             raise ResourceError(f"registration needs about {need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB are "
                                 "free, even on the coarsest working grid")
-        warnings.warn(f"estimated {need / 2**30:.1f} GiB exceeds free {free / 2**30:.1f} GiB; working grid "
+        warn(f"estimated {need / 2**30:.1f} GiB exceeds free {free / 2**30:.1f} GiB; working grid "
                       f"coarsened to {spacing:.2f} mm")
         grid_w = working_grid(fixed, spacing, net.multiple)
 
@@ -297,6 +304,6 @@ def _run(net: RegistrationNetwork, ft: torch.Tensor, mt: torch.Tensor, dev: torc
         if dev.type != "cuda":
             raise
         torch.cuda.empty_cache()
-        warnings.warn(f"{dev} ran out of memory; running on the CPU instead")
+        warn(f"{dev} ran out of memory; running on the CPU instead")
         return _run(net, ft, mt, torch.device("cpu"), steps, stages)
 
