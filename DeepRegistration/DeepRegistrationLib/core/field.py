@@ -16,7 +16,7 @@ import torch
 
 from .errors import InputError
 from .geometry import RAS_FROM_LPS, Grid
-from .image import Image, atomic_path, suffix_of
+from .image import Image, atomic_path, check_gzip, suffix_of
 from .resample import index_map, sample_with_fill, source_coordinates
 from .warp import jacobian_determinant, sample
 
@@ -124,6 +124,8 @@ def read_itk_displacement(path: str | os.PathLike) -> DisplacementField:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
+    if path.name.lower().endswith(".gz"):
+        check_gzip(path)
     try:
         if suffix_of(path) in (".h5", ".hdf5"):
             transform = sitk.ReadTransform(str(path))
@@ -135,8 +137,12 @@ def read_itk_displacement(path: str | os.PathLike) -> DisplacementField:
             if img.GetDimension() == 4 and img.GetNumberOfComponentsPerPixel() == 1 and img.GetSize()[3] == 3:
                 img = sitk.Compose(*[img[:, :, :, c] for c in range(3)])
     except Exception as exc:
-        raise InputError(f"{path}: cannot be read as a displacement field ({exc})") from exc
-    return sitk_to_field(img, str(path))
+        words = " ".join(str(exc).split())
+        raise InputError(f"{path}: cannot be read as a displacement field ({words[-200:]})") from None
+    field = sitk_to_field(img, str(path))
+    if not np.isfinite(field.data).all():
+        raise InputError(f"{path}: the displacement field has NaN or infinite values")
+    return field
 
 
 def apply_field(moving: Image, field: DisplacementField, *, order: int = 1, fill: float = 0.0) -> Image:

@@ -1,57 +1,60 @@
 """`deepregistration`: register any pair with any method, evaluate any transform, write QA reports.
 
-Exit codes: 0 success, 2 bad input, 3 resource failure (memory, device). Outputs are written into a temporary
-directory beside the output directory and moved into place only when everything succeeded.
+Exit codes (`frontends.failures`): 0 success, 1 unexpected error (one line naming a log file with the traceback),
+2 bad input, 3 resource failure (memory, device, disk, a busy output directory), 130/143 interrupted by
+SIGINT/SIGTERM. Every check of the inputs, options and output directory runs before compute; outputs are staged
+beside the output directory and put in place with one rename only when everything succeeded
+(`frontends.outdir`). Images are files or DICOM series (a folder, or one slice file).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import typing
 import warnings
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..core.errors import Cancelled, InputError, ResourceError
+from ..core.dicom import AmbiguousSeries
+from ..core.errors import InputError, Interrupted, recorded_warnings
 from ..core.field import DisplacementField, read_itk_displacement
 from ..core.image import Image, read_image, read_labels
 from ..core.landmarks import match_landmarks, read_landmarks
+from ..core.params import allowed, check_value, parse_text
 from ..engine.evaluation import evaluate
-from ..engine.options import RegistrationOptions
+from ..engine.options import RegistrationOptions, check_options
 from ..engine.registration import register
 from ..engine.results import Metrics, RegistrationResult
 from ..methods.models import read_metadata
-from ..methods.registry import DEFAULT_METHOD, METHODS, get_method
-from .outputs import OUTPUT_FILES, strict_json, write_metrics, write_outputs
+from ..methods.registry import DEFAULT_METHOD, METHODS
+from .failures import EXIT_INPUT, EXIT_RESOURCE, EXIT_UNEXPECTED, classify, signals_raise, unexpected_message
+from .outdir import OutputDirectory
+from .outputs import OUTPUT_FILES, RUN_FILES, strict_json, write_metrics, write_outputs
 
 SAMPLE_DIR = Path(__file__).resolve().parents[3] / "Resources" / "SampleData"
-EXIT_INPUT, EXIT_RESOURCE = 2, 3
 
 
-@contextmanager
-def staged_output(out_dir: Path) -> Iterator[Path]:
-    """A temporary directory beside `out_dir` whose files are moved into `out_dir` only on success."""
-    out_dir = out_dir.resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (exit 2) instead of the whole usage text."""
+
+    def error(self, message: str):
+        self.exit(EXIT_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _read_image(path: str | Path, series: str | None, flag: str | None) -> Image:
+    """An image file or DICOM series; an ambiguous DICOM folder's error names the flag that chooses."""
     try:
-        yield tmp
-        out_dir.mkdir(exist_ok=True)
-        for item in tmp.iterdir():
-            target = out_dir / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            item.replace(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return read_image(path, series=series)
+    except AmbiguousSeries as exc:
+        if flag is None:
+            raise
+        raise InputError(f"{exc} (with {flag} UID)") from None
 
 
 def _landmarks(args: argparse.Namespace) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -64,6 +67,14 @@ def _landmarks(args: argparse.Namespace) -> tuple[np.ndarray | None, np.ndarray 
     return fixed_pts, moving_pts
 
 
+def _inputs(args: argparse.Namespace, fixed: str | Path, moving: str | Path, weights: str | None = None,
+            displacement: str | None = None) -> dict[str, Any]:
+    """Flag → path of every input of the command (the output directory may be none of them)."""
+    return {"--fixed": fixed, "--moving": moving, "--fixed-labels": args.fixed_labels,
+            "--moving-labels": args.moving_labels, "--fixed-landmarks": args.fixed_landmarks,
+            "--moving-landmarks": args.moving_landmarks, "--weights": weights, "--displacement": displacement}
+
+
 def _labels(args: argparse.Namespace, fixed: Image, moving: Image) -> tuple[Image | None, Image | None]:
     fixed_labels = read_labels(args.fixed_labels, like=fixed) if args.fixed_labels else None
     moving_labels = read_labels(args.moving_labels, like=moving) if args.moving_labels else None
@@ -71,15 +82,16 @@ def _labels(args: argparse.Namespace, fixed: Image, moving: Image) -> tuple[Imag
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items as a dict (values parsed as strict JSON where they are, else text); checked later
+    against the method's declarations (`engine.options.check_options`)."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise InputError(f"--set expects key=value, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+        if not sep or not key.strip():
+            raise InputError(f"--set expects KEY=VALUE, got {item!r}")
+        if key.strip() in out:
+            raise InputError(f"--set {key.strip()} is given twice")
+        out[key.strip()] = parse_text(value)
     return out
 
 
@@ -140,22 +152,35 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def options_from_args(args: argparse.Namespace) -> RegistrationOptions:
-    """The `RegistrationOptions` of the flags `add_option_flags` declared."""
+    """The `RegistrationOptions` of the flags `add_option_flags` declared, checked against their declarations
+    (`engine.options.check_options`: InputError naming the option or parameter and its allowed values)."""
     values = {f.name: getattr(args, f.name) for f in fields(RegistrationOptions) if f.name != "parameters"}
-    return RegistrationOptions(parameters=_parse_sets(args.set), **values)
+    return check_options(RegistrationOptions(parameters=_parse_sets(args.set), **values))
+
+
+def _read_pair(args: argparse.Namespace, fixed_path: str | Path, moving_path: str | Path):
+    """Images, labels and landmarks of the command, with the warnings issued while reading them."""
+    with recorded_warnings() as messages:
+        fixed = _read_image(fixed_path, getattr(args, "fixed_series", None), "--fixed-series")
+        moving = _read_image(moving_path, getattr(args, "moving_series", None), "--moving-series")
+        fixed_labels, moving_labels = _labels(args, fixed, moving)
+        fixed_pts, moving_pts = _landmarks(args)
+    return fixed, moving, fixed_labels, moving_labels, fixed_pts, moving_pts, messages
 
 
 def _register(args: argparse.Namespace, fixed_path: Path, moving_path: Path) -> RegistrationResult:
     options = options_from_args(args)
-    get_method(options.method)
-    fixed, moving = read_image(fixed_path), read_image(moving_path)
-    fixed_labels, moving_labels = _labels(args, fixed, moving)
-    fixed_pts, moving_pts = _landmarks(args)
     progress = _Progress(args.quiet)
+    output = OutputDirectory(args.output_dir, _inputs(args, fixed_path, moving_path, options.weights),
+                             args.overwrite, RUN_FILES)
     try:
-        with staged_output(Path(args.output_dir)) as out:
+        with output as out:
+            fixed, moving, fixed_labels, moving_labels, fixed_pts, moving_pts, read_warnings = _read_pair(
+                args, fixed_path, moving_path)
             result = register(fixed, moving, options, fixed_labels=fixed_labels, moving_labels=moving_labels,
                               fixed_points=fixed_pts, moving_points=moving_pts, progress=progress)
+            result.metrics.warnings = read_warnings + [w for w in result.metrics.warnings if w not in read_warnings]
+            progress("writing outputs", 1.0)
             progress.close()
             write_outputs(result, out)
             if args.report:
@@ -214,26 +239,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    fixed, moving = read_image(args.fixed), read_image(args.moving)
-    fixed_labels, moving_labels = _labels(args, fixed, moving)
-    fixed_pts, moving_pts = _landmarks(args)
-    if args.displacement:
-        field = read_itk_displacement(args.displacement).resampled(fixed.grid)
-    else:
-        field = DisplacementField(np.zeros((*fixed.grid.shape, 3), np.float32), fixed.grid)
-    metrics, *_ = evaluate(fixed, moving, field, fixed_labels=fixed_labels, moving_labels=moving_labels,
-                           fixed_points=fixed_pts, moving_points=moving_pts)
-    if args.output_dir:
-        with staged_output(Path(args.output_dir)) as out:
+    def run(out: Path | None) -> Metrics:
+        fixed, moving, fixed_labels, moving_labels, fixed_pts, moving_pts, read_warnings = _read_pair(
+            args, args.fixed, args.moving)
+        with recorded_warnings() as messages:
+            if args.displacement:
+                field = read_itk_displacement(args.displacement).resampled(fixed.grid)
+            else:
+                field = DisplacementField(np.zeros((*fixed.grid.shape, 3), np.float32), fixed.grid)
+            metrics, *_ = evaluate(fixed, moving, field, fixed_labels=fixed_labels, moving_labels=moving_labels,
+                                   fixed_points=fixed_pts, moving_points=moving_pts)
+        metrics.warnings = read_warnings + messages
+        if out is not None:
             write_metrics(metrics, out / OUTPUT_FILES["metrics"])
+        return metrics
+
+    if args.output_dir:
+        with OutputDirectory(args.output_dir, _inputs(args, args.fixed, args.moving, None, args.displacement),
+                             args.overwrite, RUN_FILES) as out:
+            metrics = run(out)
+    else:
+        metrics = run(None)
     _print_result(args, metrics, Path(args.output_dir) if args.output_dir else None)
     return 0
 
 
 def _add_inputs(p: argparse.ArgumentParser, images: bool = True) -> None:
     if images:
-        p.add_argument("--fixed", required=True, help="fixed image (NIfTI, NRRD, MHA or MGZ)")
-        p.add_argument("--moving", required=True, help="moving image")
+        p.add_argument("--fixed", required=True, help="fixed image: NIfTI, NRRD, MHA or MGZ file, or a DICOM series "
+                                                      "(its folder, or one of its slice files)")
+        p.add_argument("--moving", required=True, help="moving image (as --fixed)")
+        p.add_argument("--fixed-series", metavar="UID", help="Series Instance UID to read when the --fixed DICOM "
+                                                             "folder holds several series (they are listed)")
+        p.add_argument("--moving-series", metavar="UID", help="the same for --moving")
     p.add_argument("--fixed-labels", help="label map on the fixed image's grid")
     p.add_argument("--moving-labels", help="label map on the moving image's grid")
     p.add_argument("--fixed-landmarks", help="Slicer .fcsv, markups .json or CSV x,y,z (RAS mm)")
@@ -249,22 +287,52 @@ def add_option_flags(p: argparse.ArgumentParser) -> None:
         if f.name == "parameters":
             p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=meta["help"])
             continue
-        kind = hints[f.name] if hints[f.name] in (int, float) else str
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default,
-                       choices=meta.get("choices"), help=f"{meta['help']} (default {f.default})")
+        flag = "--" + f.name.replace("_", "-")
+        p.add_argument(flag, dest=f.name, type=_flag_type(f, hints[f.name]), default=f.default,
+                       choices=meta.get("choices"), help=f"{meta['help']} ({allowed(hints[f.name], meta)}; default "
+                                                         f"{f.default})")
+
+
+def _flag_type(f, hint: Any) -> Callable[[str], Any]:
+    """argparse `type` of a declared option: the text parsed (numbers as JSON) and checked against the
+    declaration, a one-line error naming what is allowed otherwise."""
+    numeric = hint in (int, float, bool)
+
+    def convert(text: str) -> Any:
+        try:
+            return check_value("", f, hint, parse_text(text) if numeric else text)
+        except InputError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed: expected {allowed(hint, f.metadata)} "
+                                             f"({f.metadata['help']})") from None
+
+    convert.__name__ = hint.__name__ if isinstance(hint, type) else "value"
+    return convert
+
+
+def _add_output_flags(p: argparse.ArgumentParser, required: bool, default: str | None = None,
+                      overwrite: bool = False) -> None:
+    p.add_argument("--output-dir", required=required, default=default,
+                   help="directory for the outputs: new or empty (or, with --overwrite, one holding only outputs of "
+                        "an earlier run); never an input or inside an input folder")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=overwrite,
+                   help="replace the outputs of an earlier run in --output-dir as a whole (nothing else is ever "
+                        f"deleted; default {'on' if overwrite else 'off'})")
 
 
 def _add_run_options(p: argparse.ArgumentParser, output_required: bool) -> None:
     add_option_flags(p)
-    p.add_argument("--output-dir", required=output_required, default=None if output_required else "output/demo")
+    if output_required:
+        _add_output_flags(p, required=True)
+    else:
+        _add_output_flags(p, required=False, default="output/demo", overwrite=True)
     p.add_argument("--report", action="store_true", help="also write report.html with QA figures")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     common.add_argument("--json", action="store_true", help="print results as JSON on stdout")
-    parser = argparse.ArgumentParser(prog="deepregistration", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="deepregistration", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("methods", parents=[common], help="list the registration methods").set_defaults(func=cmd_methods)
     reg = sub.add_parser("register", parents=[common], help="register a moving image to a fixed image")
@@ -278,27 +346,41 @@ def build_parser() -> argparse.ArgumentParser:
                         help="metrics of an existing displacement field (or of no transform)")
     _add_inputs(ev)
     ev.add_argument("--displacement", help="ITK displacement field (fixed → moving, LPS mm); none: identity")
-    ev.add_argument("--output-dir", help="write metrics.json here")
+    ev.add_argument("--output-dir", help="write metrics.json here (the rules of register's --output-dir)")
+    ev.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run there")
     ev.set_defaults(func=cmd_evaluate)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+@contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Warnings printed as `deepregistration: warning: ...` (one line, no source line); each message once."""
+    previous = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"deepregistration: warning: {message}\n"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
+            yield
+    finally:
+        warnings.formatwarning = previous
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code and never lets an exception (or a traceback) out: expected errors are
+    one line on stderr, an unexpected one is one line naming the log file with its traceback."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors (already printed in one line) and --help
+        return exc.code if isinstance(exc.code, int) else EXIT_INPUT
+    with _one_line_warnings(), signals_raise():
+        try:
             return args.func(args)
-    except InputError as exc:
-        print(f"deepregistration: error: {exc}", file=sys.stderr)
-        return EXIT_INPUT
-    except (ResourceError, MemoryError) as exc:
-        print(f"deepregistration: resource failure: {exc}", file=sys.stderr)
-        return EXIT_RESOURCE
-    except Cancelled as exc:
-        print(f"deepregistration: {exc}", file=sys.stderr)
-        return 1
+        except (Exception, Interrupted, KeyboardInterrupt) as exc:
+            code, message = classify(exc)
+            if code == EXIT_UNEXPECTED and not message:
+                message = unexpected_message(exc, argv if argv is not None else sys.argv[1:])
+            print(f"deepregistration: {message}", file=sys.stderr)
+            return code
 
 
 if __name__ == "__main__":
