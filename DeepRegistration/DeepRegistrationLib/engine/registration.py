@@ -33,6 +33,8 @@ from .results import RegistrationResult, RunInfo
 
 Progress = Callable[[str, float], None]
 
+MIN_SIZE = 4
+"""Fewest voxels along any axis of an image the engine registers (central differences, surface distances)."""
 MAX_WORKING_SPACING = 4.0
 """Coarsest working grid (mm) the memory fallback may choose before refusing."""
 
@@ -66,6 +68,9 @@ def _check_image(image: Image, role: str) -> None:
         raise InputError(f"{image.source}: {role} image has NaN or infinite voxels")
     if min(image.data.shape) < 2:
         raise InputError(f"{image.source}: {role} image has a dimension of size 1 ({image.data.shape}); need 3D")
+    if min(image.data.shape) < MIN_SIZE:
+        raise InputError(f"{image.source}: {role} image is too small ({image.data.shape} voxels); every axis needs at "
+                         f"least {MIN_SIZE}")
 
 
 def _peak_rss_bytes() -> int | None:
