@@ -95,7 +95,10 @@ def check_gzip(path: Path) -> None:
             while f.read(1 << 22):
                 pass
     except gzip.BadGzipFile as exc:
-        raise InputError(f"{path}: cannot be read as an image: not gzip data although its name says so ({exc})") \
+        if str(exc).startswith("Not a gzipped file"):
+            raise InputError(f"{path}: cannot be read as an image: not gzip data although its name says so") \
+                from None
+        raise InputError(f"{path}: cannot be read as an image: corrupt gzip data ({exc}); the file is damaged") \
             from None
     except (OSError, EOFError, zlib.error) as exc:
         raise InputError(f"{path}: cannot be read as an image: corrupt gzip data ({exc}); the file is damaged or "

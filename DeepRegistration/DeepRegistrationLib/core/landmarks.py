@@ -44,7 +44,7 @@ FCSV_SYSTEMS = {"ras": False, "0": False, "lps": True, "1": True}
 def _read_fcsv(path: Path) -> Landmarks:
     lps = False
     labels, points = [], []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         for row in csv.reader(f):
             if not row:
                 continue
@@ -98,7 +98,7 @@ def _read_json(path: Path) -> Landmarks:
 
 
 def _read_csv(path: Path) -> Landmarks:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
     header = [c.strip().lower() for c in rows[0]] if rows else []
     if {"x", "y", "z"} <= set(header):
@@ -149,7 +149,8 @@ def match_landmarks(fixed: Landmarks, moving: Landmarks) -> tuple[list[str], np.
     if unique_labels(fixed) and unique_labels(moving):
         fixed_skipped = {label for _, label in fixed.skipped}
         moving_skipped = {label for _, label in moving.skipped}
-        missing = sorted((set(fixed.labels) | fixed_skipped) ^ (set(moving.labels) | moving_skipped))
+        missing = sorted((set(fixed.labels) - set(moving.labels) - moving_skipped)
+                         | (set(moving.labels) - set(fixed.labels) - fixed_skipped))
         if missing:
             raise InputError(f"landmarks {missing} appear in only one of {fixed.source} and {moving.source}")
         names = [name for name in fixed.labels if name not in moving_skipped]
@@ -186,5 +187,5 @@ def write_fcsv(path: str | os.PathLike, landmarks: Landmarks) -> Path:
     for i, (name, p) in enumerate(zip(landmarks.labels, landmarks.points)):
         lines.append(f"{i + 1},{p[0]:.4f},{p[1]:.4f},{p[2]:.4f},0,0,0,1,1,1,0,{name},,")
     with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -158,6 +158,17 @@ def options_from_args(args: argparse.Namespace) -> RegistrationOptions:
     return check_options(RegistrationOptions(parameters=_parse_sets(args.set), **values))
 
 
+@contextmanager
+def _noting_commit(output: OutputDirectory) -> Iterator[None]:
+    """A signal held back while the outputs were put in place arrives just after: say that they are complete."""
+    try:
+        yield
+    except Interrupted as exc:
+        if output.committed:
+            exc.after_commit = str(output.given)
+        raise
+
+
 def _read_pair(args: argparse.Namespace, fixed_path: str | Path, moving_path: str | Path):
     """Images, labels and landmarks of the command, with the warnings issued while reading them."""
     with recorded_warnings() as messages:
@@ -174,7 +185,7 @@ def _register(args: argparse.Namespace, fixed_path: Path, moving_path: Path) -> 
     output = OutputDirectory(args.output_dir, _inputs(args, fixed_path, moving_path, options.weights),
                              args.overwrite, RUN_FILES)
     try:
-        with output as out:
+        with _noting_commit(output), output as out:
             fixed, moving, fixed_labels, moving_labels, fixed_pts, moving_pts, read_warnings = _read_pair(
                 args, fixed_path, moving_path)
             result = register(fixed, moving, options, fixed_labels=fixed_labels, moving_labels=moving_labels,
@@ -255,8 +266,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return metrics
 
     if args.output_dir:
-        with OutputDirectory(args.output_dir, _inputs(args, args.fixed, args.moving, None, args.displacement),
-                             args.overwrite, RUN_FILES) as out:
+        output = OutputDirectory(args.output_dir, _inputs(args, args.fixed, args.moving, None, args.displacement),
+                                 args.overwrite, RUN_FILES)
+        with _noting_commit(output), output as out:
             metrics = run(out)
     else:
         metrics = run(None)

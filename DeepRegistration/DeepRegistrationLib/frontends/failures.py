@@ -31,7 +31,9 @@ LOG_DIR_ENV = "DEEPREGISTRATION_LOG_DIR"
 def classify(exc: BaseException) -> tuple[int, str]:
     """(exit code, one-line message without the program name) of an exception that ends a run."""
     if isinstance(exc, Interrupted):
-        return EXIT_SIGNAL.get(exc.signal, 130), f"interrupted by {exc.signal}"
+        after = getattr(exc, "after_commit", None)
+        note = f" after the outputs were put in place in {after} (they are complete)" if after else ""
+        return EXIT_SIGNAL.get(exc.signal, 130), f"interrupted by {exc.signal}{note}"
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_SIGNAL["SIGINT"], "interrupted by SIGINT"
     if isinstance(exc, InputError):

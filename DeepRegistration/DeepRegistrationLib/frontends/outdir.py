@@ -64,6 +64,12 @@ def check_inputs(out_dir: Path, inputs: dict[str, str | os.PathLike | None]) -> 
                              "inputs are never changed, choose an output directory elsewhere")
 
 
+def writable(path: Path) -> bool:
+    """Whether this process (its effective user) may create entries in directory `path`."""
+    effective = os.access in os.supports_effective_ids
+    return os.access(path, os.W_OK | os.X_OK, effective_ids=effective)
+
+
 def _os_error(exc: OSError, what: str) -> Exception:
     """An OSError while preparing or committing outputs as an InputError (a path the user chose: permissions,
     read-only file system, not a directory) or a ResourceError (disk full, quota, too many files)."""
@@ -165,16 +171,21 @@ class OutputDirectory:
                     raise InputError(f"{self.given}: holds {', '.join(foreign[:5])}"
                                      f"{' …' if len(foreign) > 5 else ''}, not outputs of a registration; it is "
                                      "never replaced: choose another output directory")
-            if not os.access(self.out, os.W_OK | os.X_OK):
+            if not writable(self.out):
                 raise InputError(f"{self.given}: the output directory is not writable")
 
     def _acquire(self) -> None:
         """Create (or take over from a dead run) the staging directory and hold its lock."""
+        existing = self.out.parent
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise InputError(f"{self.given}: {existing} is a file, not a folder")
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _os_error(exc, f"creating the parent folder of {self.given}") from None
-        if not os.access(self.out.parent, os.W_OK | os.X_OK):
+        if not writable(self.out.parent):
             raise InputError(f"{self.out.parent}: not writable; the outputs of {self.given} are staged beside it")
         for _ in range(20):
             try:

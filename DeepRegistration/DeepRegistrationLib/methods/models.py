@@ -135,12 +135,32 @@ def load_model(method: str, path: str | os.PathLike | None = None,
         network = spec.build(config)
     except (ValueError, TypeError, RuntimeError) as exc:
         raise InputError(f"{metadata_path(path)}: config cannot build a {method} network ({exc})") from None
+    misfit = _misfit(network.state_dict(), tensors)
+    if misfit:
+        raise InputError(f"{path}: weights do not fit the {method} architecture of its JSON config ({misfit})")
     try:
         network.load_state_dict(tensors)
     except RuntimeError as exc:
-        raise InputError(f"{path}: weights do not fit the {method} architecture ({str(exc)[:300]})") from None
+        raise InputError(f"{path}: weights do not fit the {method} architecture ({str(exc)[:200]})") from None
     network.eval()
     return network, meta
+
+
+def _misfit(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """What differs between a network's state dict and a file's tensors, in a few words ("" when they fit)."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [k for k in expected if k in found and tuple(expected[k].shape) != tuple(found[k].shape)]
+    parts = []
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} tensor(s) of another shape, e.g. {k}: {tuple(found[k].shape)} in the file, "
+                     f"{tuple(expected[k].shape)} in the network")
+    if missing:
+        parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    return "; ".join(parts)
 
 
 def trained_modalities(meta: dict[str, Any]) -> tuple[str, str] | None:
