@@ -111,10 +111,21 @@ def write_dicom_series(image, folder, uid: str = "1.2.826.0.1.3680043.2.1125.7.1
     `slopes` (one per slice, or one for all) and `intercept` the Rescale Slope/Intercept of float data.
     `names` gives the file names in slice order (default: numbered backwards, so that file order is not slice
     order); `positions` replaces the Image Position (Patient) of slice k (LPS mm), for broken series."""
+    import locale
+
     import SimpleITK as sitk
 
     from DeepRegistrationLib.core.image import image_to_sitk
 
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves the C locale behind (ASCII for Python's I/O)
+    try:
+        return _write_dicom_series(sitk, image_to_sitk, image, folder, uid, slopes, intercept, modality, names,
+                                   positions)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_series(sitk, image_to_sitk, image, folder, uid, slopes, intercept, modality, names, positions):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     volume = image_to_sitk(image)

@@ -14,9 +14,12 @@ Only `errors` is imported here, so that `core.image` can call this module (it co
 
 from __future__ import annotations
 
+import locale
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -64,6 +67,18 @@ class Series:
     def summary(self) -> str:
         text = f"{self.uid} ({self.modality or '?'}, {len(self.slices)} file(s)"
         return text + (f", {self.description!r})" if self.description else ")")
+
+
+@contextmanager
+def _locale_kept() -> Iterator[None]:
+    """GDCM may switch the process to the C locale (seen when it formats decimal strings); put it back, so that
+    Python's text I/O keeps its encoding."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        if locale.setlocale(locale.LC_ALL) != saved:
+            locale.setlocale(locale.LC_ALL, saved)
 
 
 def has_dicom_preamble(path: Path) -> bool:
@@ -201,7 +216,11 @@ def _check_and_order(path: Path, series: Series) -> tuple[list[_Slice], float]:
 def read_dicom(path: str | os.PathLike, series_uid: str | None = None) -> tuple[sitk.Image, str]:
     """A 3D float32 SimpleITK image (LPS geometry) of the DICOM series at `path` (a folder, or one of its slice
     files), and a description of what was read for messages. `series_uid` chooses among several series."""
-    path = Path(path)
+    with _locale_kept():
+        return _read_dicom(Path(path), series_uid)
+
+
+def _read_dicom(path: Path, series_uid: str | None) -> tuple[sitk.Image, str]:
     if path.is_dir():
         series = choose_series(path, find_series(path), series_uid)
     else:
