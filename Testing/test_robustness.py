@@ -392,6 +392,13 @@ def _unplaced(e: Env) -> list[str]:
 case(MARKS, ".mrk.json with an unplaced point", 0, r"control point 2 \(b\) is not placed; skipped",
      check=lambda e, m: (len(m["landmarks"]["before"]) == 2 or pytest.fail("3 landmarks"),
                          _warned(m, "is not placed"), _warned(m, "landmark 'b'")))(_unplaced)
+case(MARKS, ".mrk.json labels that do not match", 2, r"landmarks \['c', 'z'\] appear in only one")(
+    lambda e: e.register({"--fixed-landmarks": e.markups("z.mrk.json", [
+        {"label": n, "position": list(p)} for n, p in zip("abz", e.points * [-1, -1, 1])]),
+        "--moving-landmarks": e.moving_landmarks}))
+case(MARKS, ".mrk.json point with two coordinates", 2, r"control point 1 has position \[1, 2\], not 3 numbers")(
+    lambda e: e.register({"--fixed-landmarks": e.markups("two.mrk.json", [{"label": "a", "position": [1, 2]}]),
+                          "--moving-landmarks": e.moving_landmarks}))
 case(MARKS, ".mrk.json that is not a markups file", 2, r"not a Slicer markups file")(
     lambda e: e.register({"--fixed-landmarks": e.text("list.mrk.json", "[1, 2, 3]"),
                           "--moving-landmarks": e.moving_landmarks}))
@@ -609,6 +616,43 @@ special(OUTPUT, "disk full while writing", 3, "resource failure: .*displacement.
     _disk_full)
 
 
+# evaluate ----------------------------------------------------------------------------------------------------
+
+EVALUATE = "evaluate (metrics of another tool's field)"
+case(EVALUATE, "displacement that is a text file", 2, "cannot be read as a displacement field")(
+    lambda e: e.register({"--displacement": e.text("field.nii", "not a field\n" * 40)}, command="evaluate"))
+case(EVALUATE, "displacement holding NaN", 2, "the displacement field has NaN or infinite values")(
+    lambda e: e.register({"--displacement": _nan_field(e)}, command="evaluate"))
+case(EVALUATE, "scalar image given as the displacement", 2, "expected a 3D field with 3 components per voxel")(
+    lambda e: e.register({"--displacement": e.moving}, command="evaluate"))
+case(EVALUATE, "output directory is the displacement's folder", 2, "holds the input --displacement")(
+    lambda e: e.register({"--displacement": _nan_field(e, np.zeros), "--output-dir": e.case_dir},
+                         command="evaluate"))
+
+
+def _nan_field(e: Env, fill=None) -> Path:
+    from DeepRegistrationLib.core.field import DisplacementField, write_itk_displacement
+
+    data = np.zeros((*SHAPE, 3), np.float32) if fill is not None else np.full((*SHAPE, 3), np.nan, np.float32)
+    return write_itk_displacement(DisplacementField(data, e.grid), e.path("field.nii.gz"))
+
+
+def _no_memory(e: Env) -> tuple[int, str]:
+    """The machine has (as far as the engine can tell) no free memory: the fallbacks end in a ResourceError."""
+    from DeepRegistrationLib.engine import registration
+
+    original = registration.available_bytes
+    registration.available_bytes = lambda device: 1024
+    try:
+        return run_standard(Case(RUN, "memory", lambda e: e.register(), 3, "GiB"), e, fresh=False)
+    finally:
+        registration.available_bytes = original
+
+
+special(RUN, "not enough memory, even on the coarsest working grid", 3,
+        r"resource failure: registration needs about [\d.]+ GiB but 0.0 GiB are free")(_no_memory)
+
+
 # ------------------------------------------------------------------------------------------------ running
 
 
@@ -772,7 +816,7 @@ special(RUN, "an unexpected internal error (simulated)", 1,
 
 def _process(args: list[str]) -> subprocess.Popen:
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "DeepRegistration"), str(ROOT)])}
-    return subprocess.Popen([sys.executable, "-m", "DeepRegistrationLib.frontends.cli", *args], cwd=str(ROOT),
+    return subprocess.Popen([sys.executable, "-m", "DeepRegistrationLib.frontends.console", *args], cwd=str(ROOT),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
 
 
@@ -842,7 +886,7 @@ def _processes(e: Env) -> dict[str, Any]:
     lines = [line.split("\r")[-1] for line in stderr.splitlines() if line.split("\r")[-1].strip()]
     assert lines[-1] == "deepregistration: interrupted by SIGTERM", lines
     assert any(line.startswith("deepregistration: warning: ") and "is not placed; skipped" in line for line in lines)
-    assert not list((folder / "term").iterdir()), "SIGTERM left something behind"
+    assert not (folder / "term").exists(), "SIGTERM left something behind (the parent folder the run made)"
     assert [p.name for p in (folder / "kill").iterdir()] == [staging.name], "SIGKILL: more than the staging folder"
     code, recovered, _ = run_cli(e.register())
     assert code == 0, recovered

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -140,7 +141,15 @@ def read_itk_displacement(path: str | os.PathLike) -> DisplacementField:
         words = " ".join(str(exc).split())
         raise InputError(f"{path}: cannot be read as a displacement field ({words[-200:]})") from None
     field = sitk_to_field(img, str(path))
-    if not np.isfinite(field.data).all():
+    if suffix_of(path) in (".nii", ".nii.gz"):  # ITK's NIfTI reader turns NaN into 0: look at the voxels
+        try:
+            raw = np.asarray(nib.load(str(path)).dataobj)
+        except Exception:  # what ITK read is what counts; nibabel only looks for NaN
+            raw = field.data
+        finite = np.isfinite(raw).all() if np.issubdtype(raw.dtype, np.floating) else True
+    else:
+        finite = True
+    if not (finite and np.isfinite(field.data).all()):
         raise InputError(f"{path}: the displacement field has NaN or infinite values")
     return field
 

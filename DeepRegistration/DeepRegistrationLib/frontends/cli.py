@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
 import warnings
@@ -38,6 +39,8 @@ from .outdir import OutputDirectory
 from .outputs import OUTPUT_FILES, RUN_FILES, strict_json, write_metrics, write_outputs
 
 SAMPLE_DIR = Path(__file__).resolve().parents[3] / "Resources" / "SampleData"
+EXIT_BROKEN_PIPE = 141
+"""Standard output closed by its reader (128 + SIGPIPE, as a shell reports a process that SIGPIPE ended)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -387,6 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     with _one_line_warnings(), signals_raise():
         try:
             return args.func(args)
+        except BrokenPipeError:  # `deepregistration methods | head`: the reader left; say nothing more
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass
+            return EXIT_BROKEN_PIPE
         except (Exception, Interrupted, KeyboardInterrupt) as exc:
             code, message = classify(exc)
             if code == EXIT_UNEXPECTED and not message:

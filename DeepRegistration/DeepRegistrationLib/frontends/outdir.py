@@ -147,6 +147,7 @@ class OutputDirectory:
         self.result = self.staging / RESULT_NAME
         self.committed = False
         self._fd: int | None = None
+        self._made: list[Path] = []  # parent folders this run created (removed again when it fails)
 
     # ------------------------------------------------------------------------------------------------- checks
 
@@ -181,8 +182,11 @@ class OutputDirectory:
             existing = existing.parent
         if not existing.is_dir():
             raise InputError(f"{self.given}: {existing} is a file, not a folder")
+        missing = [p for p in [self.out.parent, *self.out.parent.parents] if not p.exists()]
         try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
+            for folder in reversed(missing):
+                folder.mkdir()
+                self._made.append(folder)
         except OSError as exc:
             raise _os_error(exc, f"creating the parent folder of {self.given}") from None
         if not writable(self.out.parent):
@@ -227,8 +231,9 @@ class OutputDirectory:
     def __enter__(self) -> Path:
         check_inputs(self.given, self.inputs)
         self._check_target()
-        self._acquire()
         try:
+            with _signals_held():  # a signal now would leave a staging folder without its lock
+                self._acquire()
             self._check_target()  # again, under the lock
             self.result.mkdir()
         except BaseException:
@@ -269,6 +274,7 @@ class OutputDirectory:
     def _release(self) -> None:
         with _signals_held():
             if self._fd is None:
+                self._remove_made()
                 return
             try:
                 for item in self.staging.iterdir():
@@ -285,6 +291,18 @@ class OutputDirectory:
                 self.staging.rmdir()
             except OSError:
                 pass
+            self._remove_made()
+
+    def _remove_made(self) -> None:
+        """The parent folders this run created, when it put nothing in place (deepest first, if still empty)."""
+        if self.committed:
+            return
+        for folder in reversed(self._made):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._made = []
 
 
 def _remove(path: Path) -> None:
