@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gzip
 import hashlib
 import io
 import json
@@ -338,7 +337,8 @@ def _broken_series(e: Env, fault: str) -> Path:
     volume = image_to_sitk(image)
     positions = [volume.TransformContinuousIndexToPhysicalPoint((0, 0, k)) for k in range(7)]
     if fault == "gap":
-        positions = positions[:3] + [volume.TransformContinuousIndexToPhysicalPoint((0, 0, k + 1)) for k in (3, 4, 5, 6)]
+        positions = positions[:3] + [volume.TransformContinuousIndexToPhysicalPoint((0, 0, k + 1))
+                                     for k in (3, 4, 5, 6)]
     elif fault == "duplicate":
         positions[4] = positions[3]
     else:
@@ -745,7 +745,8 @@ def run_case(c: Case, e: Env) -> tuple[int, str]:
 def normalise(message: str, e: Env, slug: str) -> str:
     """The message as the document shows it: paths relative to the case's folder (the shared good inputs under
     `inputs/`), volatile numbers replaced."""
-    text = message.replace(str(e.root / slug) + os.sep, "").replace(str(e.root) + os.sep, "")
+    text = message.replace(str(e.root / slug) + os.sep, "").replace(str(e.root / slug), ".")
+    text = text.replace(str(e.root) + os.sep, "")
     text = re.sub(r"interrupt-[\w-]+/", "", text)
     text = re.sub(r"(not a readable safetensors file, corrupt or truncated|cannot be read as an image|cannot be "
                   r"read as a displacement field) \(.*\)$", r"\1 (the reader's words)", text)
@@ -781,7 +782,7 @@ def _stage_interrupt(e: Env) -> tuple[int, str]:
             assert stderr.strip() == f"deepregistration: interrupted by {sig.name}", stderr
             assert not e.out.exists() and not list(e.case_dir.glob(".*staging")), stage
             assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    return 130, f"deepregistration: interrupted by SIGINT (SIGTERM: exit 143, 'interrupted by SIGTERM')"
+    return 130, "deepregistration: interrupted by SIGINT (SIGTERM: exit 143, 'interrupted by SIGTERM')"
 
 
 special(RUN, "SIGINT or SIGTERM in any stage (preprocessing, resampling, network, export, metrics, writing)", 130,
@@ -891,9 +892,9 @@ def _processes(e: Env) -> dict[str, Any]:
     code, recovered, _ = run_cli(e.register())
     assert code == 0, recovered
     assert not staging.exists() and (kill_out / "metrics.json").is_file()
-    _PROCESSES.update(term=(143, lines[-1]), kill=(
-        0, f"killed: {staging.name}/ left (lock and partial outputs); meanwhile a second run: exit 3 "
-           f"({busy.strip()}); the next run: exit 0, the staging folder is cleared"))
+    killed = (f"killed: {staging.name}/ left (lock and partial outputs); meanwhile a second run: exit 3 "
+              f"({busy.strip()}); the next run: exit 0, the staging folder is cleared")
+    _PROCESSES.update(term=(143, lines[-1]), kill=(0, killed))
     return _PROCESSES
 
 
@@ -950,6 +951,20 @@ def test_options_are_checked_by_the_engine_for_every_front_end():
         .parameters == {"working_shape": (64, 64, 64), "int_steps": 5}
     with pytest.raises(InputError, match="option prealign"):
         check_fields(RegistrationOptions, {"prealign": "sideways"}, "option")
+
+
+def test_the_job_runner_refuses_bad_parameters_naming_them(tmp_path, env):
+    """The worker process of the Slicer module runs the same engine checks: exit 2, error.json names the field."""
+    from DeepRegistrationLib.core.image import read_image
+    from DeepRegistrationLib.frontends import job, worker
+
+    image = read_image(env.fixed)
+    options = RegistrationOptions(weights=str(env.weights), parameters={"int_steps": -3})
+    job.write_job(job.RegistrationJob(image, image, options), tmp_path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert worker.main([str(tmp_path)]) == 2
+    kind, message = job.read_error(tmp_path)
+    assert kind == "InputError" and "lapirn parameter int_steps = -3: expected an integer in [0, 12]" in message
 
 
 def test_report_files_are_the_declared_run_files():

@@ -39,6 +39,8 @@ from .outdir import OutputDirectory
 from .outputs import OUTPUT_FILES, RUN_FILES, strict_json, write_metrics, write_outputs
 
 SAMPLE_DIR = Path(__file__).resolve().parents[3] / "Resources" / "SampleData"
+EXIT_CODES = (EXIT_INPUT, EXIT_RESOURCE, EXIT_UNEXPECTED)
+"""The exit codes of the command line's failures (`frontends.failures`); `cli.EXIT_INPUT` etc. as before."""
 EXIT_BROKEN_PIPE = 141
 """Standard output closed by its reader (128 + SIGPIPE, as a shell reports a process that SIGPIPE ended)."""
 

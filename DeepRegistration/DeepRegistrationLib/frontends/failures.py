@@ -3,7 +3,8 @@ signals turned into an exception so that every `finally` (staging directories, l
 
 Exit codes: 0 success, 1 an unexpected error (one line naming the log file that holds its traceback), 2 bad input
 (`InputError`, or a path the user chose that cannot be used), 3 resources (`ResourceError`, memory, disk full, a
-busy output directory), 130 interrupted by SIGINT (Ctrl-C), 143 by SIGTERM.
+busy output directory), 130 interrupted by SIGINT (Ctrl-C), 143 by SIGTERM; the command line also ends with 141
+when the reader of its standard output goes away (`deepregistration methods | head`).
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                          "(they can run code): convert it with safetensors.torch.save_file")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
+            return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
     except Exception as exc:  # safetensors raises its own SafetensorError (and OSError/ValueError) types
         raise InputError(f"{path}: not a readable safetensors file, corrupt or truncated "
                          f"({type(exc).__name__}: {str(exc)[:120]})") from None
