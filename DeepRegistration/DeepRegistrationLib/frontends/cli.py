@@ -305,9 +305,10 @@ def add_option_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=meta["help"])
             continue
         flag = "--" + f.name.replace("_", "-")
+        bounded = any(meta.get(key) is not None for key in ("low", "high", "choices"))
+        values = f"{allowed(hints[f.name], meta)}; " if bounded else ""
         p.add_argument(flag, dest=f.name, type=_flag_type(f, hints[f.name]), default=f.default,
-                       choices=meta.get("choices"), help=f"{meta['help']} ({allowed(hints[f.name], meta)}; default "
-                                                         f"{f.default})")
+                       choices=meta.get("choices"), help=f"{meta['help']} ({values}default {f.default})")
 
 
 def _flag_type(f, hint: Any) -> Callable[[str], Any]:
