@@ -142,3 +142,56 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def write_dicom_series(image, folder, uid: str = "1.2.826.0.1.3680043.2.1125.7.1", *, slopes=None,
+                       intercept: float = 0.0, modality: str = "MR", names=None, positions=None):
+    """Write `image` (a DeepRegistrationLib Image, RAS) as a DICOM series of single-frame slices along its k axis
+    with SimpleITK/GDCM: one file per slice, Image Position/Orientation (Patient) from its geometry (LPS),
+    `slopes` (one per slice, or one for all) and `intercept` the Rescale Slope/Intercept of float data.
+    `names` gives the file names in slice order (default: numbered backwards, so that file order is not slice
+    order); `positions` replaces the Image Position (Patient) of slice k (LPS mm), for broken series."""
+    import locale
+
+    import SimpleITK as sitk
+
+    from DeepRegistrationLib.core.image import image_to_sitk
+
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves the C locale behind (ASCII for Python's I/O)
+    try:
+        return _write_dicom_series(sitk, image_to_sitk, image, folder, uid, slopes, intercept, modality, names,
+                                   positions)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_series(sitk, image_to_sitk, image, folder, uid, slopes, intercept, modality, names, positions):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    volume = image_to_sitk(image)
+    depth = volume.GetDepth()
+    d = volume.GetDirection()
+    orientation = "\\".join(f"{v:.10f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
+    sop = {"MR": "1.2.840.10008.5.1.4.1.1.4", "CT": "1.2.840.10008.5.1.4.1.1.2"}[modality]
+    floats = slopes is not None
+    if slopes is not None and np.ndim(slopes) == 0:
+        slopes = [slopes] * depth
+    names = names or [f"IM{depth - k:04d}.dcm" for k in range(depth)]
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(depth):
+        plane = volume[:, :, k]
+        plane = sitk.Cast(plane, sitk.sitkFloat32 if floats else sitk.sitkInt16)
+        position = positions[k] if positions is not None else volume.TransformIndexToPhysicalPoint((0, 0, k))
+        tags = {"0020|000e": uid, "0020|000d": uid + ".0", "0020|0037": orientation,
+                "0020|0032": "\\".join(f"{v:.10f}" for v in position), "0020|0013": str(k + 1),
+                "0008|0060": modality, "0008|0016": sop, "0008|103e": f"series {uid[-3:]}",
+                "0008|0018": f"{uid}.{k + 1}"}
+        if floats:
+            tags.update({"0028|1053": f"{slopes[k]:g}", "0028|1052": f"{intercept:g}", "0028|0100": "16",
+                         "0028|0101": "16", "0028|0102": "15", "0028|0103": "1"})
+        for tag, value in tags.items():
+            plane.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / names[k]))
+        writer.Execute(plane)
+    return folder

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -17,7 +18,7 @@ from scipy import ndimage
 
 from .errors import InputError
 from .geometry import RAS_FROM_LPS, Grid
-from .image import Image, atomic_path, suffix_of
+from .image import Image, atomic_path, check_gzip, suffix_of
 from .resample import index_map, sample_with_fill, source_coordinates
 from .warp import jacobian_determinant, sample
 
@@ -126,6 +127,8 @@ def read_itk_displacement(path: str | os.PathLike) -> DisplacementField:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
+    if path.name.lower().endswith(".gz"):
+        check_gzip(path)
     try:
         if suffix_of(path) in (".h5", ".hdf5"):
             transform = sitk.ReadTransform(str(path))
@@ -137,8 +140,20 @@ def read_itk_displacement(path: str | os.PathLike) -> DisplacementField:
             if img.GetDimension() == 4 and img.GetNumberOfComponentsPerPixel() == 1 and img.GetSize()[3] == 3:
                 img = sitk.Compose(*[img[:, :, :, c] for c in range(3)])
     except Exception as exc:
-        raise InputError(f"{path}: cannot be read as a displacement field ({exc})") from exc
-    return sitk_to_field(img, str(path))
+        words = " ".join(str(exc).split())
+        raise InputError(f"{path}: cannot be read as a displacement field ({words[-200:]})") from None
+    field = sitk_to_field(img, str(path))
+    if suffix_of(path) in (".nii", ".nii.gz"):  # ITK's NIfTI reader turns NaN into 0: look at the voxels
+        try:
+            raw = np.asarray(nib.load(str(path)).dataobj)
+        except Exception:  # what ITK read is what counts; nibabel only looks for NaN
+            raw = field.data
+        finite = np.isfinite(raw).all() if np.issubdtype(raw.dtype, np.floating) else True
+    else:
+        finite = True
+    if not (finite and np.isfinite(field.data).all()):
+        raise InputError(f"{path}: the displacement field has NaN or infinite values")
+    return field
 
 
 def apply_field(moving: Image, field: DisplacementField, *, order: int = 1, fill: float = 0.0) -> Image:

@@ -1,13 +1,17 @@
-"""Volumes with geometry, and their reading and writing (NIfTI, NRRD, MHA/MHD, MGZ).
+"""Volumes with geometry, and their reading and writing (NIfTI, NRRD, MHA/MHD, MGZ; DICOM series read).
 
 Arrays are indexed [i, j, k]; geometry is a `Grid` in RAS mm. ITK formats store LPS and are converted at this
-boundary (docs/CONVENTIONS.md §1-§2). Writes go to a temporary file that is renamed into place.
+boundary (docs/CONVENTIONS.md §1-§2). Writes go to a temporary file that is renamed into place. A gzip-compressed
+input (.nii.gz, .mgz) is checked whole (CRC and length) before it is read: readers stop at the last voxel and
+would not see a corrupt end.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +19,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from .dicom import DICOM_SUFFIXES, is_dicom_file, read_dicom
 from .errors import InputError
 from .geometry import Grid
 
@@ -80,13 +85,44 @@ def image_to_sitk(image: Image) -> sitk.Image:
     return img
 
 
-def read_image(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Image:
-    """Read a 3D scalar volume. Errors (InputError) name the file: missing, unreadable, not 3D, NaN/inf voxels."""
+GZIP_SUFFIXES = (".gz", ".mgz")
+
+
+def check_gzip(path: Path) -> None:
+    """InputError naming `path` when its gzip stream is truncated or fails its CRC (the whole file is read)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 22):
+                pass
+    except gzip.BadGzipFile as exc:
+        if str(exc).startswith("Not a gzipped file"):
+            raise InputError(f"{path}: cannot be read as an image: not gzip data although its name says so") \
+                from None
+        raise InputError(f"{path}: cannot be read as an image: corrupt gzip data ({exc}); the file is damaged") \
+            from None
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"{path}: cannot be read as an image: corrupt gzip data ({exc}); the file is damaged or "
+                         "was cut short") from None
+
+
+def read_image(path: str | os.PathLike, *, allow_nonfinite: bool = False, series: str | None = None) -> Image:
+    """Read a 3D scalar volume: an image file, or a DICOM series (a folder, or one of its slice files; `series`
+    chooses a Series Instance UID when the folder holds several, `core.dicom`). Errors (InputError) name the file:
+    missing, unreadable, corrupt, not 3D, NaN/inf voxels."""
     path = Path(path)
     source = str(path)
-    if not path.is_file():
+    if path.is_dir() or is_dicom_file(path):
+        img, source = read_dicom(path, series)
+        return _finite(sitk_to_image(img, source), allow_nonfinite)
+    if series is not None:
+        raise InputError(f"{source}: a DICOM series UID was given, but this is not a DICOM folder or file")
+    if not path.exists():
         raise InputError(f"{source}: no such file")
+    if not path.is_file():
+        raise InputError(f"{source}: not a regular file")
     suffix = suffix_of(path)
+    if path.name.lower().endswith(GZIP_SUFFIXES):
+        check_gzip(path)
     try:
         if suffix in MGH_SUFFIXES:
             mgh = nib.load(str(path))
@@ -98,14 +134,22 @@ def read_image(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Ima
             image = sitk_to_image(sitk.ReadImage(str(path)), source)
         else:
             raise InputError(f"{source}: unsupported format {suffix!r}; use one of "
-                             f"{', '.join(ITK_SUFFIXES + MGH_SUFFIXES)}")
+                             f"{', '.join(ITK_SUFFIXES + MGH_SUFFIXES)}, or a DICOM series folder or "
+                             f"{'/'.join(DICOM_SUFFIXES)} slice")
     except InputError:
         raise
+    except MemoryError:
+        raise
     except Exception as exc:  # readers raise many types; report the file and the reader's words
-        raise InputError(f"{source}: cannot be read as an image ({exc})") from exc
+        words = " ".join(str(exc).split())
+        raise InputError(f"{source}: cannot be read as an image ({words[-200:]})") from None
+    return _finite(image, allow_nonfinite)
+
+
+def _finite(image: Image, allow_nonfinite: bool) -> Image:
     if not allow_nonfinite and np.issubdtype(image.data.dtype, np.floating) and not np.isfinite(image.data).all():
         bad = int((~np.isfinite(image.data)).sum())
-        raise InputError(f"{source}: {bad} voxel(s) are NaN or infinite")
+        raise InputError(f"{image.source}: {bad} voxel(s) are NaN or infinite")
     return image
 
 
@@ -125,13 +169,19 @@ def _read_nifti(path: Path, source: str) -> Image:
 
 
 def read_labels(path: str | os.PathLike, like: Image | None = None) -> Image:
-    """Read an integer label map; with `like`, its grid must match that image's (InputError otherwise)."""
+    """Read an integer label map (values ≥ 0, 0 the background); with `like`, its grid must match that image's
+    (InputError otherwise)."""
     labels = read_image(path)
     data = labels.data
     if not np.issubdtype(data.dtype, np.integer):
         if not np.allclose(data, np.round(data)):
             raise InputError(f"{labels.source}: label map has non-integer values")
         data = np.round(data)
+    if data.size and data.min() < 0:
+        raise InputError(f"{labels.source}: label map has negative values (min {data.min():g}); labels are "
+                         "integers ≥ 0 with 0 the background")
+    if data.size and data.max() > np.iinfo(np.int32).max:
+        raise InputError(f"{labels.source}: label values beyond the 32-bit range")
     labels.data = data.astype(np.int32)
     if like is not None and not labels.grid.same_as(like.grid, tol=1e-3):
         raise InputError(f"{labels.source}: label map grid (shape {labels.grid.shape}, spacing "

@@ -1,40 +1,60 @@
-"""Landmark files: Slicer `.fcsv`, markups `.json`, and CSV `x,y,z` (optional `label` column), all read as RAS mm."""
+"""Landmark files: Slicer `.fcsv`, markups `.json`, and CSV `x,y,z` (optional `label` column), all read as RAS mm.
+
+A markups control point that is not placed (`positionStatus` "undefined" or "preview") is skipped with a warning,
+and so is its partner in the other file when the two are matched (`match_landmarks`).
+"""
 
 from __future__ import annotations
 
 import csv
-import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, warn
 from .geometry import RAS_FROM_LPS
 from .image import atomic_path
+from .jsonio import read_json
 
 
 @dataclass
 class Landmarks:
-    """Named points in RAS mm: `points` [N, 3], `labels` N strings (empty when the file has none)."""
+    """Named points in RAS mm: `points` [N, 3], `labels` N strings (empty when the file has none).
+
+    `skipped` lists (position in the file, label) of points the file holds but does not place; `order` the
+    position in the file of each of `points` (default 0..N-1), so that matching by order stays right after a skip.
+    """
 
     labels: list[str]
     points: np.ndarray
     source: str = "<memory>"
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    order: list[int] | None = None
+
+    def positions(self) -> list[int]:
+        return list(range(len(self.points))) if self.order is None else list(self.order)
+
+
+FCSV_SYSTEMS = {"ras": False, "0": False, "lps": True, "1": True}
+"""`# CoordinateSystem = ...` values of a Slicer .fcsv (any case) → whether the points are LPS."""
 
 
 def _read_fcsv(path: Path) -> Landmarks:
     lps = False
     labels, points = [], []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         for row in csv.reader(f):
             if not row:
                 continue
             if row[0].startswith("#"):
                 text = ",".join(row).replace(" ", "")
-                if text.startswith("#CoordinateSystem="):
-                    lps = text.split("=", 1)[1] in ("LPS", "1")
+                if text.lower().startswith("#coordinatesystem="):
+                    value = text.split("=", 1)[1].strip().lower()
+                    if value not in FCSV_SYSTEMS:
+                        raise InputError(f"{path}: unknown CoordinateSystem {value!r}; use RAS or LPS")
+                    lps = FCSV_SYSTEMS[value]
                 continue
             if len(row) < 4:
                 raise InputError(f"{path}: fiducial row {row!r} has fewer than 4 columns")
@@ -44,20 +64,41 @@ def _read_fcsv(path: Path) -> Landmarks:
     return Landmarks(labels, pts @ RAS_FROM_LPS.T if lps else pts, str(path))
 
 
+UNPLACED = ("undefined", "preview")
+"""Markups `positionStatus` values of a control point that has no position."""
+
+
 def _read_json(path: Path) -> Landmarks:
-    doc = json.loads(path.read_text())
-    labels, points = [], []
-    for markup in doc.get("markups", []):
-        lps = markup.get("coordinateSystem", "LPS") == "LPS"
+    doc = read_json(path, "markups JSON")
+    if not isinstance(doc, dict) or not isinstance(doc.get("markups"), list):
+        raise InputError(f"{path}: not a Slicer markups file (no \"markups\" list)")
+    labels, points, skipped, order = [], [], [], []
+    index = 0
+    for markup in doc["markups"]:
+        if not isinstance(markup, dict):
+            raise InputError(f"{path}: a markup is not a JSON object")
+        system = str(markup.get("coordinateSystem", "LPS")).upper()
+        if system not in ("LPS", "RAS"):
+            raise InputError(f"{path}: unknown coordinateSystem {system!r}; use LPS or RAS")
         for cp in markup.get("controlPoints", []):
-            p = np.array(cp["position"], dtype=np.float64)
-            points.append(RAS_FROM_LPS @ p if lps else p)
-            labels.append(cp.get("label", ""))
-    return Landmarks(labels, np.array(points, dtype=np.float64).reshape(-1, 3), str(path))
+            label = str(cp.get("label", "")) if isinstance(cp, dict) else ""
+            if not isinstance(cp, dict) or cp.get("positionStatus", "defined") in UNPLACED or "position" not in cp:
+                skipped.append((index, label))
+                warn(f"{path}: control point {index + 1} ({label or 'no label'}) is not placed; skipped")
+            else:
+                p = np.array(cp["position"], dtype=np.float64)
+                if p.shape != (3,):
+                    raise InputError(f"{path}: control point {index + 1} has position {cp['position']!r}, "
+                                     "not 3 numbers")
+                points.append(RAS_FROM_LPS @ p if system == "LPS" else p)
+                labels.append(label)
+                order.append(index)
+            index += 1
+    return Landmarks(labels, np.array(points, dtype=np.float64).reshape(-1, 3), str(path), skipped, order)
 
 
 def _read_csv(path: Path) -> Landmarks:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
     header = [c.strip().lower() for c in rows[0]] if rows else []
     if {"x", "y", "z"} <= set(header):
@@ -84,34 +125,58 @@ def read_landmarks(path: str | os.PathLike) -> Landmarks:
         marks = readers[suffix](path)
     except InputError:
         raise
-    except (ValueError, KeyError, IndexError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: cannot be read as landmarks ({exc})") from exc
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: cannot be read as landmarks (not text)") from None
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise InputError(f"{path}: cannot be read as landmarks ({exc})") from None
     if len(marks.points) == 0:
-        raise InputError(f"{path}: contains no landmarks")
+        raise InputError(f"{path}: contains no {'placed ' if marks.skipped else ''}landmarks")
     if not np.isfinite(marks.points).all():
         raise InputError(f"{path}: has non-finite coordinates")
     return marks
 
 
 def match_landmarks(fixed: Landmarks, moving: Landmarks) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Pair landmarks by label when both files label every point uniquely, else by order.
+    """Pair landmarks by label when both files label every point uniquely, else by order (position in the file).
 
-    Returns (names, fixed points, moving points); InputError lists unmatched labels or unequal counts.
+    A point one file skips (not placed) drops its partner in the other, with a warning. Returns (names, fixed
+    points, moving points); InputError lists unmatched labels or unequal counts, or says that no pair is left.
     """
     def unique_labels(m: Landmarks) -> bool:
-        return all(m.labels) and len(set(m.labels)) == len(m.labels)
+        names = m.labels + [label for _, label in m.skipped]
+        return all(names) and len(set(names)) == len(names)
 
     if unique_labels(fixed) and unique_labels(moving):
-        missing = sorted(set(fixed.labels) ^ set(moving.labels))
+        fixed_skipped = {label for _, label in fixed.skipped}
+        moving_skipped = {label for _, label in moving.skipped}
+        missing = sorted((set(fixed.labels) - set(moving.labels) - moving_skipped)
+                         | (set(moving.labels) - set(fixed.labels) - fixed_skipped))
         if missing:
             raise InputError(f"landmarks {missing} appear in only one of {fixed.source} and {moving.source}")
-        order = [moving.labels.index(name) for name in fixed.labels]
-        return list(fixed.labels), fixed.points, moving.points[order]
-    if len(fixed.points) != len(moving.points):
-        raise InputError(f"{fixed.source} has {len(fixed.points)} landmarks and {moving.source} "
-                         f"{len(moving.points)}; without unique labels they are matched by order")
-    names = fixed.labels if all(fixed.labels) else [str(i + 1) for i in range(len(fixed.points))]
-    return list(names), fixed.points, moving.points
+        names = [name for name in fixed.labels if name not in moving_skipped]
+        for name in sorted(set(fixed.labels) & moving_skipped):
+            warn(f"landmark {name!r} of {fixed.source} left out: it is not placed in {moving.source}")
+        for name in sorted(set(moving.labels) & fixed_skipped):
+            warn(f"landmark {name!r} of {moving.source} left out: it is not placed in {fixed.source}")
+        pairs = (names, fixed.points[[fixed.labels.index(n) for n in names]],
+                 moving.points[[moving.labels.index(n) for n in names]])
+    else:
+        total_fixed, total_moving = len(fixed.points) + len(fixed.skipped), len(moving.points) + len(moving.skipped)
+        if total_fixed != total_moving:
+            raise InputError(f"{fixed.source} has {total_fixed} landmarks and {moving.source} "
+                             f"{total_moving}; without unique labels they are matched by order")
+        fixed_at = {p: i for i, p in enumerate(fixed.positions())}
+        moving_at = {p: i for i, p in enumerate(moving.positions())}
+        both = [p for p in range(total_fixed) if p in fixed_at and p in moving_at]
+        for p in sorted(set(fixed_at) ^ set(moving_at)):
+            warn(f"landmark {p + 1} left out: it is not placed in "
+                 f"{moving.source if p in fixed_at else fixed.source}")
+        names = [fixed.labels[fixed_at[p]] if all(fixed.labels) else str(p + 1) for p in both]
+        pairs = (names, fixed.points[[fixed_at[p] for p in both]].reshape(-1, 3),
+                 moving.points[[moving_at[p] for p in both]].reshape(-1, 3))
+    if not pairs[0]:
+        raise InputError(f"no landmark is placed in both {fixed.source} and {moving.source}")
+    return pairs
 
 
 def write_fcsv(path: str | os.PathLike, landmarks: Landmarks) -> Path:
@@ -122,5 +187,5 @@ def write_fcsv(path: str | os.PathLike, landmarks: Landmarks) -> Path:
     for i, (name, p) in enumerate(zip(landmarks.labels, landmarks.points)):
         lines.append(f"{i + 1},{p[0]:.4f},{p[1]:.4f},{p[2]:.4f},0,0,0,1,1,1,0,{name},,")
     with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

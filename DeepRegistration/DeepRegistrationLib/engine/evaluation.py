@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core import metrics as M
-from ..core.errors import InputError
+from ..core.errors import InputError, warn
 from ..core.field import DisplacementField, apply_field
 from ..core.geometry import Grid
 from ..core.image import Image
@@ -31,8 +31,19 @@ def overlap(fixed_labels: np.ndarray, moving_labels: np.ndarray, spacing: np.nda
     return Overlap(per, mean("dice"), mean("hd95"), mean("assd"))
 
 
-def check_landmarks(fixed_points: np.ndarray | None, moving_points: np.ndarray | None, fixed: Grid) -> None:
-    """Both or neither; matched [N, 3] arrays; fixed landmarks inside the fixed image (InputError otherwise)."""
+def _outside(points: np.ndarray, grid: Grid) -> tuple[list[int], float]:
+    """Indices of the RAS `points` outside `grid` by more than half a voxel, and the largest distance (mm)."""
+    ijk = grid.world_to_voxel(points)
+    excess = np.maximum(-0.5 - ijk, 0) + np.maximum(ijk - (np.array(grid.shape) - 0.5), 0)
+    outside = np.where(np.any(excess > 0, axis=1))[0]
+    return outside.tolist(), float(np.max(np.linalg.norm(excess * grid.spacing, axis=1), initial=0.0))
+
+
+def check_landmarks(fixed_points: np.ndarray | None, moving_points: np.ndarray | None, fixed: Grid,
+                    moving: Grid | None = None) -> None:
+    """Both or neither; matched [N, 3] arrays; fixed landmarks inside the fixed image and, given its grid, moving
+    landmarks inside the moving image (InputError otherwise: points outside their image are almost always in
+    another coordinate system, LPS read as RAS, or belong to another image)."""
     if (fixed_points is None) != (moving_points is None):
         raise InputError("give both fixed and moving landmarks, or neither")
     if fixed_points is None:
@@ -41,17 +52,62 @@ def check_landmarks(fixed_points: np.ndarray | None, moving_points: np.ndarray |
     if fixed_points.shape != moving_points.shape or fixed_points.ndim != 2 or fixed_points.shape[1] != 3:
         raise InputError(f"landmarks must be matched [N, 3] arrays, got {fixed_points.shape} and "
                          f"{moving_points.shape}")
-    ijk = fixed.world_to_voxel(fixed_points)
-    outside = np.where(np.any((ijk < -0.5) | (ijk > np.array(fixed.shape) - 0.5), axis=1))[0]
-    if len(outside):
-        raise InputError(f"fixed landmark(s) {outside.tolist()} lie outside the fixed image")
+    if not (np.isfinite(fixed_points).all() and np.isfinite(moving_points).all()):
+        raise InputError("landmarks have non-finite coordinates")
+    outside, _ = _outside(fixed_points, fixed)
+    if outside:
+        raise InputError(f"fixed landmark(s) {outside} lie outside the fixed image")
+    if moving is not None:
+        outside, distance = _outside(moving_points, moving)
+        if outside:
+            raise InputError(f"moving landmark(s) {outside} lie outside the moving image (up to {distance:.1f} mm "
+                             "beyond its edge); landmarks are RAS mm of their own image")
 
 
-def check_mask(mask: Image, fixed: Grid) -> None:
-    """A mask must lie on the fixed grid and contain at least one voxel (InputError otherwise)."""
-    if not mask.grid.same_as(fixed, tol=1e-3):
-        raise InputError(f"{mask.source}: mask grid (shape {mask.grid.shape}) differs from the fixed image grid "
-                         f"(shape {fixed.shape})")
+def _extent(grid: Grid) -> str:
+    corners = np.array([[i, j, k] for i in (0, grid.shape[0] - 1) for j in (0, grid.shape[1] - 1)
+                        for k in (0, grid.shape[2] - 1)], dtype=np.float64)
+    world = grid.voxel_to_world(corners)
+    low, high = world.min(0), world.max(0)
+    return " × ".join(f"[{a:.0f}, {b:.0f}]" for a, b in zip(low, high)) + " mm RAS"
+
+
+MIN_OVERLAP = 0.25
+"""Below this fraction of the fixed field of view inside the moving image a registration warns."""
+
+
+def overlap_fraction(fixed: Grid, moving: Grid, transform: np.ndarray | None = None) -> float:
+    """Fraction of the fixed image's voxels (sampled on at most ~24³ of them) whose point, mapped by the RAS 4×4
+    `transform` (fixed point ↦ moving point; identity by default), lies inside the moving image."""
+    axes = [np.unique(np.linspace(0, n - 1, min(n, 24)).round()) for n in fixed.shape]
+    ijk = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    world = fixed.voxel_to_world(ijk)
+    if transform is not None:
+        world = world @ transform[:3, :3].T + transform[:3, 3]
+    inside = moving.world_to_voxel(world)
+    ok = np.all((inside >= -0.5) & (inside <= np.array(moving.shape) - 0.5), axis=1)
+    return float(ok.mean())
+
+
+def check_overlap(fixed: Image, moving: Image, transform: np.ndarray | None = None) -> float:
+    """InputError when the fields of view of `fixed` and `moving` (after `transform`) do not overlap at all, a
+    warning when less than `MIN_OVERLAP` of the fixed one lies inside the moving one; returns the fraction."""
+    fraction = overlap_fraction(fixed.grid, moving.grid, transform)
+    where = f"fixed {_extent(fixed.grid)}, moving {_extent(moving.grid)}"
+    if fraction == 0:
+        raise InputError(f"{fixed.source} and {moving.source}: the fields of view do not overlap ({where}); check "
+                         "the images' origins (or pre-align with prealign 'moments')")
+    if fraction < MIN_OVERLAP:
+        warn(f"{fixed.source} and {moving.source}: only {100 * fraction:.0f}% of the fixed field of view lies "
+             f"inside the moving image ({where}); the result outside it is meaningless")
+    return fraction
+
+
+def check_mask(mask: Image, grid: Grid, role: str = "fixed") -> None:
+    """A mask must lie on its (`role`) image's grid and contain at least one voxel (InputError otherwise)."""
+    if not mask.grid.same_as(grid, tol=1e-3):
+        raise InputError(f"{mask.source}: mask grid (shape {mask.grid.shape}) differs from the {role} image grid "
+                         f"(shape {grid.shape})")
     if not (mask.data != 0).any():
         raise InputError(f"{mask.source}: the mask is empty")
 
@@ -67,7 +123,7 @@ def evaluate(fixed: Image, moving: Image, forward: DisplacementField, *, fixed_l
     """
     if (fixed_labels is None) != (moving_labels is None):
         raise InputError("give both fixed and moving label maps, or neither")
-    check_landmarks(fixed_points, moving_points, forward.grid)
+    check_landmarks(fixed_points, moving_points, forward.grid, moving.grid)
     warped = apply_field(moving, forward)
     before_img = resample_image(moving, forward.grid)
     det = forward.jacobian_determinant()

@@ -8,13 +8,12 @@ with an affine part A (jad) adds it after T: the estimate is p ↦ T·A(p + A_W�
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Callable
 
 import numpy as np
 import torch
 
-from ..core.errors import Cancelled, ResourceError
+from ..core.errors import Cancelled, ResourceError, warn
 from ..core.geometry import Grid
 from ..core.resample import resample_array
 from ..methods.models import load_model
@@ -99,14 +98,14 @@ def _fit_memory(net: RegistrationNetwork, dev: torch.device, grid_w: Grid, fixed
         if need <= free:
             return dev, grid_w
         if dev.type != "cpu":
-            warnings.warn(f"{dev}: estimated {need / 2**30:.1f} GiB exceeds free {free / 2**30:.1f} GiB; using the CPU")
+            warn(f"{dev}: estimated {need / 2**30:.1f} GiB exceeds free {free / 2**30:.1f} GiB; using the CPU")
             dev = torch.device("cpu")
             continue
         spacing *= 1.5
         if spacing > MAX_WORKING_SPACING:
             raise ResourceError(f"registration needs about {need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB are "
                                 "free, even on the coarsest working grid")
-        warnings.warn(f"estimated {need / 2**30:.1f} GiB exceeds free {free / 2**30:.1f} GiB; working grid "
+        warn(f"estimated {need / 2**30:.1f} GiB exceeds free {free / 2**30:.1f} GiB; working grid "
                       f"coarsened to {spacing:.2f} mm")
         grid_w = working_grid(fixed, spacing, net.multiple)
 
@@ -125,5 +124,5 @@ def _run(net: RegistrationNetwork, ft: torch.Tensor, mt: torch.Tensor, dev: torc
         if dev.type != "cuda":
             raise
         torch.cuda.empty_cache()
-        warnings.warn(f"{dev} ran out of memory; running on the CPU instead")
+        warn(f"{dev} ran out of memory; running on the CPU instead")
         return _run(net, ft, mt, torch.device("cpu"), steps, progress, cancel)

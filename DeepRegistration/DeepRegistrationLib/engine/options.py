@@ -7,11 +7,12 @@ benchmark builds them per method. Adding an option is one `param` line here plus
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from ..core.params import param
-from ..methods.registry import DEFAULT_METHOD
+from ..core.errors import InputError
+from ..core.params import check_fields, param
+from ..methods.registry import DEFAULT_METHOD, get_method
 from .refine_settings import DEFAULT_PRESET, PRESETS
 
 PREALIGN_CHOICES = ("none", "moments", "jad")
@@ -32,7 +33,8 @@ class RegistrationOptions:
     weights: str | None = param(None, "weights file (.safetensors with its JSON beside it); none: the method's "
                                       "shipped model")
     parameters: dict[str, Any] = param({}, "overrides of the method's inference-time config fields, e.g. "
-                                           "working_spacing=2.0 (mm)")
+                                           "working_spacing=2.0 (mm); each is checked against the method's "
+                                           "declaration (type, range, choices)")
     device: str = param("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     prealign: str = param("none", "affine pre-alignment: none, centre-of-mass translation (moments) or the jad "
                                   "model's affine", choices=PREALIGN_CHOICES)
@@ -55,3 +57,19 @@ class RegistrationOptions:
         if unknown:
             raise ValueError(f"unknown registration option(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**values)
+
+
+def check_options(options: RegistrationOptions) -> RegistrationOptions:
+    """`options` checked against their declarations and converted (int for an integral float, tuples for lists):
+    every field by `core.params.check_fields`, the method by the registry, and each of `parameters` against the
+    method's config declaration. InputError names the option or parameter and what it allows."""
+    if not isinstance(options, RegistrationOptions):
+        raise InputError(f"expected RegistrationOptions, got {type(options).__name__}")
+    values = check_fields(RegistrationOptions, options.to_dict(), "option")
+    spec = get_method(values["method"])
+    if spec.is_network:
+        values["parameters"] = spec.config_class.check(values["parameters"], f"{spec.name} parameter")
+    elif values["parameters"]:
+        raise InputError(f"method {spec.name!r} has no network parameters ({', '.join(values['parameters'])}); its "
+                         "settings are the refinement's (--set refine.KEY=VALUE)")
+    return replace(options, **values)

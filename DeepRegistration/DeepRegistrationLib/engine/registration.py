@@ -14,22 +14,21 @@ image (the network's grid, or the refinement's finest level).
 from __future__ import annotations
 
 import time
-import warnings
 from typing import Callable
 
 import numpy as np
 import torch
 
-from ..core.errors import Cancelled, InputError
+from ..core.errors import Cancelled, InputError, recorded_warnings, warn
 from ..core.geometry import Grid
 from ..core.image import Image
 from ..core.resample import normalize_intensity
 from ..core.warp import integrate_velocity
 from ..methods.models import load_model, trained_modalities
 from ..methods.registry import get_method
-from .evaluation import check_landmarks, check_mask, evaluate
+from .evaluation import check_landmarks, check_mask, check_overlap, evaluate
 from .network import jad_prealign, network_estimate
-from .options import PREALIGN_CHOICES, RegistrationOptions
+from .options import RegistrationOptions, check_options
 from .refine import optimise_affine, optimise_svf
 from .refine_settings import RefineSettings, preset_settings
 from .resources import resolve_device
@@ -38,6 +37,9 @@ from .results import RegistrationResult, RunInfo
 from .transforms import Estimate, velocity_on, working_grid
 
 Progress = Callable[[str, float], None]
+
+MIN_SIZE = 4
+"""Fewest voxels along any axis of an image the engine registers (central differences, surface distances)."""
 
 
 def _centre_of_mass(image: Image, normalised: np.ndarray) -> np.ndarray:
@@ -56,6 +58,9 @@ def _check_image(image: Image, role: str) -> None:
         raise InputError(f"{image.source}: {role} image has NaN or infinite voxels")
     if min(image.data.shape) < 2:
         raise InputError(f"{image.source}: {role} image has a dimension of size 1 ({image.data.shape}); need 3D")
+    if min(image.data.shape) < MIN_SIZE:
+        raise InputError(f"{image.source}: {role} image is too small ({image.data.shape} voxels); every axis needs at "
+                         f"least {MIN_SIZE}")
 
 
 def _peak_rss_bytes() -> int | None:
@@ -112,23 +117,19 @@ def _check_inputs(fixed: Image, moving: Image, options: RegistrationOptions, fix
     if not spec.is_network and settings is None:
         raise InputError(f"method {spec.name!r} is the refinement alone; use preset 'balanced' or 'accurate', "
                          "not 'fast'")
-    if options.prealign not in PREALIGN_CHOICES:
-        raise InputError(f"unknown pre-alignment {options.prealign!r}; use one of {', '.join(PREALIGN_CHOICES)}")
     if options.prealign != "none" and settings is not None and settings.affine != "off":
         raise InputError(f"pre-alignment {options.prealign!r} applies when there is no affine refinement (preset "
                          "'fast', or refinement affine=off); the balanced and accurate presets find the affine "
                          "themselves")
-    if options.instance_optimization < 0:
-        raise InputError("instance optimisation steps must be ≥ 0")
-    check_landmarks(fixed_points, moving_points, fixed.grid)
+    check_landmarks(fixed_points, moving_points, fixed.grid, moving.grid)
     if guidance is not None:
         if settings is None:
             raise InputError("guidance landmarks steer the refinement; use preset 'balanced' or 'accurate'")
-        check_landmarks(*guidance, fixed.grid)
+        check_landmarks(*guidance, fixed.grid, moving.grid)
     if fixed_mask is not None:
         check_mask(fixed_mask, fixed.grid)
     if moving_mask is not None:
-        check_mask(moving_mask, moving.grid)
+        check_mask(moving_mask, moving.grid, "moving")
     if (fixed_labels is None) != (moving_labels is None):
         raise InputError("give both fixed and moving label maps, or neither")
     for labels, image in ((fixed_labels, fixed), (moving_labels, moving)):
@@ -149,9 +150,22 @@ def register(fixed: Image, moving: Image, options: RegistrationOptions | None = 
     moving) matched RAS landmarks [N, 3] pull the refinement together where the warp is wrong (kept apart from the
     scored landmarks). `fixed_mask`/`moving_mask` (on their image's grid, nonzero inside) restrict the
     refinement's similarity; det J is also reported inside `fixed_mask`. Raises InputError for bad input,
-    ResourceError when the machine cannot run it, Cancelled when `cancel()` turns True.
+    ResourceError when the machine cannot run it, Cancelled when `cancel()` turns True. Options are checked first
+    (`options.check_options`); the warnings issued on the way are listed in the result's `metrics.warnings` (and
+    issued as usual).
     """
-    options = options or RegistrationOptions()
+    with recorded_warnings() as messages:
+        result = _register(fixed, moving, check_options(options or RegistrationOptions()), fixed_labels,
+                           moving_labels, fixed_points, moving_points, guidance, fixed_mask, moving_mask, progress,
+                           cancel)
+    result.metrics.warnings = messages
+    return result
+
+
+def _register(fixed: Image, moving: Image, options: RegistrationOptions, fixed_labels: Image | None,
+              moving_labels: Image | None, fixed_points: np.ndarray | None, moving_points: np.ndarray | None,
+              guidance: tuple[np.ndarray, np.ndarray] | None, fixed_mask: Image | None, moving_mask: Image | None,
+              progress: Progress | None, cancel: Callable[[], bool] | None) -> RegistrationResult:
     stages = _Stages(progress, cancel)
     stages("preprocessing", 0.0)
     settings = _check_inputs(fixed, moving, options, fixed_labels, moving_labels, fixed_points, moving_points,
@@ -164,7 +178,7 @@ def register(fixed: Image, moving: Image, options: RegistrationOptions | None = 
     trained = trained_modalities(meta)
     swapped = roles_swapped(trained, modalities)  # run it the way round it was trained, return the inverse
     if trained is not None and trained != modalities and not swapped:
-        warnings.warn(f"the {spec.name} model was trained on fixed {trained[0].upper()} / moving "
+        warn(f"the {spec.name} model was trained on fixed {trained[0].upper()} / moving "
                       f"{trained[1].upper()} pairs, not fixed {modalities[0].upper()} / moving "
                       f"{modalities[1].upper()}: its validation numbers do not describe this warp")
     fixed_n = normalize_intensity(fixed.data, options.fixed_modality, fixed.source)
@@ -185,6 +199,7 @@ def register(fixed: Image, moving: Image, options: RegistrationOptions | None = 
             raise InputError("prealign 'jad' with method 'jad' is redundant; use prealign 'none'")
         stages("affine pre-alignment", 0.05)
         pre = jad_prealign(fixed_n, fixed.grid, moving_n, moving.grid, dev)
+    check_overlap(fixed, moving, pre)
 
     estimate = None
     if net is not None:

@@ -7,7 +7,7 @@ widget. `Metrics.to_json()` writes the documented metrics.json keys (docs: READM
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -101,7 +101,8 @@ class Metrics:
 
     `jacobian` is over the whole fixed grid; `jacobian_in_labels` inside the fixed labels' foreground (when labels
     were given); `mask` inside the user's mask (when one was given); `run` only for registrations (not for
-    `evaluate` of another tool's field).
+    `evaluate` of another tool's field). `warnings` are the warnings issued while reading the inputs and
+    registering (in metrics.json too, so a result never hides what was doubtful about it).
     """
 
     jacobian: JacobianSummary
@@ -112,6 +113,7 @@ class Metrics:
     landmarks: LandmarkMetrics | None = None
     mask: JacobianSummary | None = None
     run: RunInfo | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The metrics.json dict (documented keys; NaN stays a float here, the writer makes it strict JSON)."""
@@ -145,6 +147,7 @@ class Metrics:
             if run.peak_gpu_memory_mb is not None:
                 out["peak_gpu_memory_mb"] = run.peak_gpu_memory_mb
             out["time_s"] = dict(run.time_s)
+        out["warnings"] = list(self.warnings)
         return out
 
     @classmethod
@@ -182,6 +185,7 @@ class Metrics:
             metrics.run = RunInfo(options, data.get("model_sha256"), data["device"], tuple(grid["shape"]),
                                   float(grid["spacing_mm"]), data.get("peak_memory_mb"), dict(data["time_s"]),
                                   data.get("peak_gpu_memory_mb"))
+        metrics.warnings = [str(w) for w in data.get("warnings", [])]
         return metrics
 
 

@@ -113,6 +113,13 @@ vary over the whole grid: gzip shrinks them by about a quarter for ~10 s per 1 m
 OUTPUT_FILES = {spec.key: spec.file for spec in OUTPUTS if spec.file}
 """Output key → file name of the CLI's output directory."""
 
+REPORT_FILES = ("report.html", "slices.png", "checkerboard.png", "difference.png", "deformation_grid.png",
+                "jacobian.png", "outlines.png", "dice.png")
+"""What `frontends.report.write_report` writes (`--report`); `Testing/test_robustness.py` checks the list."""
+
+RUN_FILES = frozenset(OUTPUT_FILES.values()) | frozenset(REPORT_FILES)
+"""Every name a run may write into its output directory: the only names `--overwrite` replaces."""
+
 
 def write_outputs(result: RegistrationResult, out: Path) -> list[Path]:
     """Every CLI output file of `result` that this run has into directory `out`; returns the paths written."""

@@ -3,8 +3,8 @@
 The Slicer module starts it with PythonSlicer (working directory: the module's folder) so that Slicer's GUI stays
 responsive; `frontends.job_process.JobProcess` is the other side. It reads the job (`frontends.job`), runs it, and
 writes the result folder or error.json. Standard output carries one JSON object per line: {"stage", "fraction"} for
-progress, {"log"} for messages. Exit status: 0 done, 2 bad input, 3 not enough memory/device, 4 cancelled,
-1 anything else.
+progress, {"log"} for messages. Exit status: 0 done, 2 bad input, 3 not enough memory/device/disk, 4 cancelled,
+1 anything else (`frontends.failures.classify`, as the command line; error.json then holds the traceback).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import Cancelled, InputError, ResourceError
+from ..core.errors import Cancelled
+from .failures import EXIT_UNEXPECTED, classify
 from .job import read_job, run_job, write_error, write_result
 
-EXIT_CODES = {InputError: 2, ResourceError: 3, Cancelled: 4}
+EXIT_CANCELLED = 4
 
 
 def _emit(message: dict[str, Any]) -> None:
@@ -41,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                          cancel=cancel_file.exists)
         write_result(result, folder)
     except Exception as exc:  # reported to the requester through error.json and the exit status
-        code = next((c for kind, c in EXIT_CODES.items() if isinstance(exc, kind)), 1)
-        message = str(exc) if code != 1 else f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        code = EXIT_CANCELLED if isinstance(exc, Cancelled) else classify(exc)[0]
+        message = str(exc) if code != EXIT_UNEXPECTED else f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
         write_error(folder, type(exc).__name__, message)
         _emit({"log": message})
         return code

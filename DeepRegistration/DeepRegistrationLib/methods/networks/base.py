@@ -9,7 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...core.params import param
+from ...core.errors import InputError
+from ...core.params import check_fields, check_instance, param
+
+SHAPE_LOW, SHAPE_HIGH = 8, 1024
+"""Bounds of every `working_shape` axis (voxels)."""
 
 
 @dataclass
@@ -17,7 +21,8 @@ class MethodConfig:
     """Fields shared by every method. Subclasses add the paper's hyper-parameters with `param`."""
 
     working_shape: tuple[int, int, int] = param(
-        (160, 192, 160), "Training crop (I, J, K) in voxels of the working grid", paper=False)
+        (160, 192, 160), "Training crop (I, J, K) in voxels of the working grid", low=SHAPE_LOW, high=SHAPE_HIGH,
+        paper=False)
     working_spacing: float = param(
         1.0, "Isotropic voxel size (mm) of the working grid the network sees at inference", low=0.5, high=4.0,
         paper=False)
@@ -28,17 +33,29 @@ class MethodConfig:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "MethodConfig":
-        """Inverse of `to_dict`; unknown keys are an error, missing keys take the defaults."""
-        known = {f.name: f for f in fields(cls)}
-        unknown = set(values) - set(known)
+    def method_name(cls) -> str:
+        """The method this config belongs to (its module's name), for messages."""
+        return cls.__module__.rpartition(".")[2]
+
+    @classmethod
+    def check(cls, values: dict[str, Any], owner: str | None = None) -> dict[str, Any]:
+        """`values` (a subset of the fields) checked against their declarations (`core.params.check_fields`: type,
+        range, choices) and converted (lists to tuples); InputError (a ValueError) naming the field otherwise."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
-        converted = {}
-        for name, value in values.items():
-            default = getattr(cls(), name)
-            converted[name] = tuple(value) if isinstance(default, tuple) else value
-        return cls(**converted)
+            raise InputError(f"{cls.__name__} of {cls.method_name()} has no field(s) {unknown}; known: "
+                             f"{', '.join(sorted(known))}")
+        return check_fields(cls, values, owner or f"{cls.method_name()} parameter")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MethodConfig":
+        """Inverse of `to_dict`, checked (`check`); unknown keys are an error, missing keys take the defaults."""
+        return cls(**cls.check(values))
+
+    def validate(self) -> None:
+        """Every field against its declaration (InputError naming the first that does not fit)."""
+        check_instance(self, f"{self.method_name()} parameter")
 
 
 @dataclass

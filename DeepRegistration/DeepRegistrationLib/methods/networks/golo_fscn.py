@@ -37,7 +37,8 @@ class Config(lapirn.Config):
     """GoLo-FSCN hyper-parameters: the paper's where stated, LapIRN's (its base) otherwise."""
 
     working_shape: tuple[int, int, int] = param(
-        (160, 192, 224), "Network grid (I, J, K) in voxels; the paper crops and scales OASIS to 160×192×224 (§5.1)")
+        (160, 192, 224), "Network grid (I, J, K) in voxels; the paper crops and scales OASIS to 160×192×224 (§5.1)",
+        low=8, high=1024)
     calibration_rate: int = param(2, "r of Eq. 2: the self-calibration branches average-pool features by r and 2r",
                                   low=2, high=4)
     blocks: int = param(2, "Local-branch blocks per axis (2: the paper's eight blocks, §3.2)", choices=(2, 4))

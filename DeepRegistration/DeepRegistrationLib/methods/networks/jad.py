@@ -33,7 +33,8 @@ DECODER_CHANNELS = (32, 32, 16)
 @dataclass
 class Config(MethodConfig):
     working_shape: tuple[int, int, int] = param(
-        (192, 192, 192), "Network grid (I, J, K) in voxels: the paper resizes every volume to 192³", paper=True)
+        (192, 192, 192), "Network grid (I, J, K) in voxels: the paper resizes every volume to 192³", low=8, high=1024,
+        paper=True)
     int_steps: int = param(0, "Scaling-and-squaring steps for the deformable output; 0 (the paper): a displacement",
                            low=0, high=12)
     reg_weight: float = param(

@@ -57,7 +57,7 @@ class Config(MethodConfig):
 
     working_shape: tuple[int, int, int] = param(
         (160, 192, 144), "Training crop (I, J, K) in voxels; LapIRN's official code trained on 160×192×144",
-        paper=False)
+        low=8, high=1024, paper=False)
     int_steps: int = param(7, "Scaling-and-squaring steps at every level (official code: time_step=7)", low=0,
                            high=12, paper=False)
     start_channels: int = param(7, "Start channels C; each level CNN is 4C wide", low=1, high=64, paper=False)

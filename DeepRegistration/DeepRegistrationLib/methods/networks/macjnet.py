@@ -44,7 +44,7 @@ class Config(lapirn.Config):
 
     working_shape: tuple[int, int, int] = param(
         (128, 128, 96), "Network grid (I, J, K) in voxels; the paper resamples the liver images to 128×128×96 "
-        "(Implementation), read as (x, y, z) = (i, j, k)")
+        "(Implementation), read as (x, y, z) = (i, j, k)", low=8, high=1024)
     smooth_weight: float = param(0.5, "λ_smo: weight of the diffusion regulariser ||∇φ||² (Eq. 15), LapIRN units "
                                  "and per-level factor 1/2^(L−p)", low=0.0, high=100.0)
     sim_weight: float = param(20.0, "λ_sim: weight of E_sim, the descriptor similarity (Eq. 14)", low=0.0,
@@ -57,11 +57,11 @@ class Config(lapirn.Config):
                                 "scale, voxels (scale k uses k·L)", low=1, high=8)
     scale_weights: tuple[float, float] = param(
         (0.7, 0.3), "α_1, α_2 of Eq. 10 for distances L and 2L: the optimal ratio α_1/α_2 = 7/3 of Fig. 3 (the "
-        "Implementation section lists 0.3/0.7; see docs/methods/macjnet.md)")
+        "Implementation section lists 0.3/0.7; see docs/methods/macjnet.md)", low=0.0, high=1.0)
     aggregation_window: int = param(5, "R2: window of the 3D log-polar aggregation, voxels", low=5, high=9)
     seg_features: tuple[int, int, int, int, int] = param(
         (32, 64, 128, 256, 320), "Seg-SubNet widths per U-Net stage (nnU-Net: 32 doubling, capped at 320; four "
-        "stride-2 poolings)", paper=False)
+        "stride-2 poolings)", low=1, high=1024, paper=False)
     seg_classes: int = param(2, "Segmentation classes including background (the paper: background, liver)",
                              low=2, high=200)
     return_segmentations: bool = param(False, "Also return both Seg-SubNet logits at inference", paper=False)

@@ -31,7 +31,8 @@ LEVEL_DECONVS = (1, 2, 3)
 @dataclass
 class Config(MethodConfig):
     working_shape: tuple[int, int, int] = param(
-        (176, 192, 176), "Network grid (I, J, K) in voxels: the paper's 176×192×176 crop at 1 mm", paper=True)
+        (176, 192, 176), "Network grid (I, J, K) in voxels: the paper's 176×192×176 crop at 1 mm", low=8,
+        high=1024, paper=True)
     reg_weight: float = param(0.35, "λ of Eq. 4: weight of the mean L1 norm of the velocity-increment gradients",
                               low=0.0, high=10.0)
     smoothing_sigma: float = param(1.732, "σ of the Gaussian smoothing layer on the full-resolution velocity, voxels",

@@ -48,7 +48,8 @@ class Config(LapIRNConfig):
     """MMLN hyper-parameters; the 3D level CNNs and the regulariser keep LapIRN's fields (§3.1, §4.2)."""
 
     working_shape: tuple[int, int, int] = param(
-        (160, 192, 224), "Network grid (I, J, K) in voxels; MMLN crops OASIS to 160×192×224 (§4.1)")
+        (160, 192, 224), "Network grid (I, J, K) in voxels; MMLN crops OASIS to 160×192×224 (§4.1)", low=8,
+        high=1024)
     alpha: float = param(0.25, "α: weight of the 2D branch's similarity in the level-1 loss (Eq. 6)",
                          low=0.0, high=10.0)
     beta: float = param(0.5, "β: weight of the 2D branch's similarity in the level-2 loss (Eq. 7)",

@@ -29,10 +29,13 @@ class Config(MethodConfig):
     """VoxelMorph-diff hyper-parameters."""
 
     working_shape: tuple[int, int, int] = param(
-        (160, 192, 224), "Training crop (I, J, K) in voxels; VoxelMorph's brain MRI crop 160×192×224")
-    encoder_features: tuple[int, ...] = param((16, 32, 32, 32), "U-Net encoder widths, one conv per scale")
+        (160, 192, 224), "Training crop (I, J, K) in voxels; VoxelMorph's brain MRI crop 160×192×224",
+        low=8, high=1024)
+    encoder_features: tuple[int, ...] = param((16, 32, 32, 32), "U-Net encoder widths, one conv per scale",
+                                                  low=1, high=1024)
     decoder_features: tuple[int, ...] = param(
-        (32, 32, 32, 32, 32, 16, 16), "U-Net decoder widths: one per encoder scale, the rest at full resolution")
+        (32, 32, 32, 32, 32, 16, 16), "U-Net decoder widths: one per encoder scale, the rest at full resolution",
+        low=1, high=1024)
     int_downsize: int = param(2, "Velocity grid = input grid / int_downsize (integration at half resolution)",
                               choices=(1, 2))
     bidirectional: bool = param(True, "Also warp the fixed image by exp(−v) and compare it with the moving image")
