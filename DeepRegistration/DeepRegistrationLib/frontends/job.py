@@ -76,26 +76,6 @@ def method_config(method: str, parameters: dict[str, Any] | None = None, weights
         raise InputError(f"parameters do not fit method {method!r} ({exc})") from exc
 
 
-def check_weights(options: RegistrationOptions) -> None:
-    """Refuse a weights file that is missing, lacks its JSON, or is a model of another method than `options.method`
-    (read from the JSON, without PyTorch), so that a wrong choice is reported before a worker starts."""
-    if not options.weights:
-        return
-    path = Path(options.weights)
-    if not path.is_file():
-        raise InputError(f"{path}: no weights for method {options.method!r} (the file does not exist)")
-    meta_path = path.with_suffix(".json")  # methods.models.metadata_path, which imports PyTorch
-    if not meta_path.is_file():
-        raise InputError(f"{meta_path}: model description missing (every weights file needs its JSON beside it)")
-    try:
-        method = json.loads(meta_path.read_text()).get("method")
-    except (json.JSONDecodeError, AttributeError, OSError) as exc:
-        raise InputError(f"{meta_path}: not a model description ({exc})") from exc
-    if method != options.method:
-        raise InputError(f"weights {path.name}: a {method!r} model, not {options.method!r}; choose method {method!r} "
-                         f"or a {options.method!r} weights file (empty: the shipped model)")
-
-
 def estimate_memory(options: RegistrationOptions, fixed_grid: Grid) -> int:
     """Estimated peak bytes of registering onto `fixed_grid` (network probe scaled to the working grid)."""
     from ..engine.registration import working_grid

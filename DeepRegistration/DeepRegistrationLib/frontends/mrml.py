@@ -26,7 +26,8 @@ from ..core.geometry import Grid
 from ..core.image import Image
 from ..core.resample import resample_image
 from ..engine.options import RegistrationOptions
-from .job import RegistrationJob, check_weights, run_job
+from .inputs import check_volume_pair, check_weights
+from .job import RegistrationJob, run_job
 from .outputs import OUTPUTS
 
 TRANSFORM_DISPLAY_MODES = ("none", "glyph", "grid", "contour")
@@ -87,26 +88,6 @@ def volume_grid(node) -> Grid:
     start = np.eye(4)
     start[:3, 3] = image.GetExtent()[::2]
     return Grid(tuple(image.GetDimensions()), _to_world(node, matrix_to_array(ijk_to_ras) @ start))
-
-
-def check_volume_input(node, role: str) -> None:
-    """InputError naming `node` unless it is a scalar intensity volume in a scene (not a label map, vector, tensor or
-    diffusion volume: those derive from the scalar volume class in MRML, so the class alone does not tell)."""
-    if node is None:
-        raise InputError(f"choose a {role} volume")
-    name = node.GetName()
-    if node.IsA("vtkMRMLLabelMapVolumeNode"):
-        raise InputError(f"{role} volume {name!r} is a label map; choose an intensity volume (label maps belong in "
-                         f"the {role} segmentation field)")
-    for kind, what in (("vtkMRMLVectorVolumeNode", "a vector (multi-component) volume"),
-                       ("vtkMRMLTensorVolumeNode", "a tensor or diffusion volume")):
-        if node.IsA(kind):
-            raise InputError(f"{role} volume {name!r} is {what}; choose a scalar volume (Vector to Scalar Volume "
-                             "module, or one component)")
-    if not node.IsA("vtkMRMLScalarVolumeNode"):
-        raise InputError(f"{role} input {name!r} is not a scalar volume")
-    if node.GetScene() is None:
-        raise InputError(f"{name}: the {role} volume is not in a scene")
 
 
 def _scalar_image(node, role: str) -> Image:
@@ -414,10 +395,7 @@ class MRMLLogic:
         fiducial nodes, matched by label, else by order. `mask`: a segmentation or label map on the fixed image, the
         region where Jacobian statistics are also reported.
         """
-        for role, node in (("fixed", fixedVolumeNode), ("moving", movingVolumeNode)):
-            check_volume_input(node, role)
-        if fixedVolumeNode is movingVolumeNode:
-            raise InputError(f"fixed and moving are the same volume {fixedVolumeNode.GetName()!r}; choose two volumes")
+        check_volume_pair(fixedVolumeNode, movingVolumeNode)
         options = options or RegistrationOptions()
         check_weights(options)
         fixed, moving = (_scalar_image(fixedVolumeNode, "fixed"), _scalar_image(movingVolumeNode, "moving"))
@@ -449,6 +427,9 @@ class MRMLLogic:
             if isinstance(node, bool) or node is None:
                 continue
             kind = spec.accepts or spec.node_class
+            if node.GetScene() is None:
+                raise InputError(f"output {spec.key}: {node.GetName()!r} is no longer in the scene; choose another "
+                                 "node or create a new one")
             if not node.IsA(kind) or (kind == "vtkMRMLScalarVolumeNode" and node.IsA("vtkMRMLLabelMapVolumeNode")):
                 raise InputError(f"output {spec.key}: {node.GetName()!r} is not a {kind}")
             if any(node is n for n in prepared.inputNodes):
@@ -472,6 +453,10 @@ class MRMLLogic:
         if transformDisplay not in TRANSFORM_DISPLAY_MODES:
             raise InputError(f"unknown transform display {transformDisplay!r}; use one of "
                              f"{', '.join(TRANSFORM_DISPLAY_MODES)}")
+        for node in prepared.inputNodes:
+            if node.GetScene() is None:
+                raise InputError(f"{node.GetName()!r} was removed from the scene during the registration; nothing "
+                                 "was created")
         self.checkOutputs(prepared, outputs)
         scene = prepared.fixedVolumeNode.GetScene()
         before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
