@@ -14,7 +14,8 @@ from vtk.util import numpy_support
 
 SLICE_VIEWS = {"Red": "Axial", "Yellow": "Sagittal", "Green": "Coronal"}
 DISPLAYABLE_MANAGERS_2D = ("vtkMRMLSegmentationsDisplayableManager2D", "vtkMRMLTransformsDisplayableManager2D",
-                           "vtkMRMLMarkupsDisplayableManager", "vtkMRMLColorLegendDisplayableManager")
+                           "vtkMRMLMarkupsDisplayableManager", "vtkMRMLColorLegendDisplayableManager",
+                           "vtkMRMLScalarBarDisplayableManager")
 
 
 class SlicerApplication:

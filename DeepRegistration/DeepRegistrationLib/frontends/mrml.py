@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -37,11 +38,12 @@ JACOBIAN_RANGE = (0.0, 2.0)
 """det J shown from 0 (blue) through 1 (white, volume kept) to 2 (red); values beyond are clamped."""
 COMPARISON_ATTRIBUTE = "DeepRegistration.comparison"
 """Marks the one table node of a scene that collects a row per registration (`comparison_table`)."""
-COMPARISON_COLUMNS = (("Run", None), ("Moving", None), ("Fixed", None), ("Method", None), ("Preset", None),
-                      ("Dice", ""), ("HD95", "mm"), ("TRE", "mm"), ("Folding", "%"), ("SDlogJ", ""),
+COMPARISON_COLUMNS = (("Run", None), ("Moving", None), ("Fixed", None), ("Method", None), ("Model", None),
+                      ("Preset", None), ("Dice", ""), ("HD95", "mm"), ("TRE", "mm"), ("Folding", "%"), ("SDlogJ", ""),
                       ("Time", "s"))
-"""(name, unit; None for text) of the comparison table: Dice, HD95 and TRE are the means after registration, NaN
-when the run had no segmentations or landmarks; Preset is "—" where the options have no preset."""
+"""(name, unit; None for text) of the comparison table: Run is the transform node's name, Model the weights file
+("shipped" for the method's shipped model); Dice, HD95 and TRE are the means after registration, NaN when the run
+had no segmentations or landmarks; Preset is "—" where the options have no preset."""
 COMPARE_MODES = ("overlay", "checkerboard", "difference", "flicker")
 """Views of the fixed volume against the warped one (`show_comparison`)."""
 RESIDUAL_COLORS = {"improved": (0.1, 0.8, 0.2), "worse": (0.95, 0.2, 0.1)}
@@ -558,8 +560,9 @@ def comparison_row(result, run: str, moving: str, fixed: str, landmark_report: d
     preset = getattr(run_info.options, "preset", None) if run_info is not None else None
     labels, marks = metrics.labels, metrics.landmarks
     nan = float("nan")
+    weights = run_info.options.weights if run_info is not None else None
     return {"Run": run, "Moving": moving, "Fixed": fixed, "Method": result.method,
-            "Preset": str(preset) if preset else "—",
+            "Model": Path(weights).name if weights else "shipped", "Preset": str(preset) if preset else "—",
             "Dice": labels.after.mean_dice if labels is not None else nan,
             "HD95": labels.after.mean_hd95 if labels is not None else nan,
             "TRE": marks.mean_after if marks is not None else nan,
