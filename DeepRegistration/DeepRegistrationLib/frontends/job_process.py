@@ -74,8 +74,14 @@ class JobProcess:
         if self.running:
             self.backend.kill()
 
-    def abandon(self) -> None:
-        """The owner goes away (scene closed, module reloaded): stop the worker; `finished` reports "abandoned"."""
+    def abandon(self, finished: Callable[[JobOutcome], None] | None = None) -> None:
+        """The owner goes away (scene closed, module reloaded): stop the worker; `finished` reports "abandoned".
+
+        An owner that is being destroyed passes its own `finished` (for example to free the process): from then on
+        no progress or log line reaches the old owner, and the final outcome goes to `finished` instead.
+        """
+        if finished is not None:
+            self.progress, self.log, self.finished = (lambda stage, fraction: None), (lambda text: None), finished
         self._abandoned = True
         self.cancel()
         self.kill_if_running()

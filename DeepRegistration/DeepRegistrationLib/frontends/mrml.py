@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -26,6 +27,7 @@ from ..core.geometry import Grid
 from ..core.image import Image
 from ..core.resample import resample_image
 from ..engine.options import RegistrationOptions
+from .inputs import check_volume_pair, check_weights
 from .job import RegistrationJob, run_job
 from .outputs import OUTPUTS
 
@@ -34,6 +36,18 @@ FOLDING_SEGMENT_ID = "folding"
 JACOBIAN_COLOR_TAG = "DeepRegistrationJacobian"
 JACOBIAN_RANGE = (0.0, 2.0)
 """det J shown from 0 (blue) through 1 (white, volume kept) to 2 (red); values beyond are clamped."""
+COMPARISON_ATTRIBUTE = "DeepRegistration.comparison"
+"""Marks the one table node of a scene that collects a row per registration (`comparison_table`)."""
+COMPARISON_COLUMNS = (("Run", None), ("Moving", None), ("Fixed", None), ("Method", None), ("Model", None),
+                      ("Preset", None), ("Dice", ""), ("HD95", "mm"), ("TRE", "mm"), ("Folding", "%"), ("SDlogJ", ""),
+                      ("Time", "s"))
+"""(name, unit; None for text) of the comparison table: Run is the transform node's name, Model the weights file
+("shipped" for the method's shipped model); Dice, HD95 and TRE are the means after registration, NaN when the run
+had no segmentations or landmarks; Preset is "—" where the options have no preset."""
+COMPARE_MODES = ("overlay", "checkerboard", "difference", "flicker")
+"""Views of the fixed volume against the warped one (`show_comparison`)."""
+RESIDUAL_COLORS = {"improved": (0.1, 0.8, 0.2), "worse": (0.95, 0.2, 0.1)}
+"""Landmark residual lines: green where registration reduced that landmark's error, red where it increased it."""
 
 
 # --------------------------------------------------------------------------------------------- conversion
@@ -76,6 +90,13 @@ def volume_grid(node) -> Grid:
     start = np.eye(4)
     start[:3, 3] = image.GetExtent()[::2]
     return Grid(tuple(image.GetDimensions()), _to_world(node, matrix_to_array(ijk_to_ras) @ start))
+
+
+def _scalar_image(node, role: str) -> Image:
+    try:
+        return image_from_volume_node(node)
+    except InputError as exc:
+        raise InputError(f"{role} volume {exc}") from exc
 
 
 def image_from_volume_node(node) -> Image:
@@ -285,7 +306,8 @@ class Outputs:
     """Which outputs to produce, by `OUTPUTS` key: True = a new node, False = none, a node = overwrite that node.
 
     Unset keys take each output's `slicer_default`. `affine` applies to methods with an affine part (jad), the tables
-    when segmentations/landmarks are given; `segmentChart` and `residuals` always create new nodes.
+    when segmentations/landmarks are given; `segmentChart` and `residuals` always create new nodes; `comparison`
+    appends a row to the scene's comparison table (`comparison_table`), creating it on the first run.
     """
 
     def __init__(self, **choices: Any) -> None:
@@ -375,15 +397,11 @@ class MRMLLogic:
         fiducial nodes, matched by label, else by order. `mask`: a segmentation or label map on the fixed image, the
         region where Jacobian statistics are also reported.
         """
-        for role, node in (("fixed", fixedVolumeNode), ("moving", movingVolumeNode)):
-            if node is None or not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
-                raise InputError(f"the {role} input must be a scalar volume node")
-            if node.GetScene() is None:
-                raise InputError(f"{node.GetName()}: the {role} volume is not in a scene")
-        if fixedVolumeNode is movingVolumeNode:
-            raise InputError("fixed and moving are the same volume")
-        fixed, moving = image_from_volume_node(fixedVolumeNode), image_from_volume_node(movingVolumeNode)
-        job = RegistrationJob(fixed, moving, options or RegistrationOptions())
+        check_volume_pair(fixedVolumeNode, movingVolumeNode)
+        options = options or RegistrationOptions()
+        check_weights(options)
+        fixed, moving = (_scalar_image(fixedVolumeNode, "fixed"), _scalar_image(movingVolumeNode, "moving"))
+        job = RegistrationJob(fixed, moving, options)
         prepared = PreparedJob(job, fixedVolumeNode, movingVolumeNode, [fixedVolumeNode, movingVolumeNode])
         if (fixedSegmentation is None) != (movingSegmentation is None):
             raise InputError("give both fixed and moving segmentations, or neither")
@@ -411,6 +429,9 @@ class MRMLLogic:
             if isinstance(node, bool) or node is None:
                 continue
             kind = spec.accepts or spec.node_class
+            if node.GetScene() is None:
+                raise InputError(f"output {spec.key}: {node.GetName()!r} is no longer in the scene; choose another "
+                                 "node or create a new one")
             if not node.IsA(kind) or (kind == "vtkMRMLScalarVolumeNode" and node.IsA("vtkMRMLLabelMapVolumeNode")):
                 raise InputError(f"output {spec.key}: {node.GetName()!r} is not a {kind}")
             if any(node is n for n in prepared.inputNodes):
@@ -434,6 +455,10 @@ class MRMLLogic:
         if transformDisplay not in TRANSFORM_DISPLAY_MODES:
             raise InputError(f"unknown transform display {transformDisplay!r}; use one of "
                              f"{', '.join(TRANSFORM_DISPLAY_MODES)}")
+        for node in prepared.inputNodes:
+            if node.GetScene() is None:
+                raise InputError(f"{node.GetName()!r} was removed from the scene during the registration; nothing "
+                                 "was created")
         self.checkOutputs(prepared, outputs)
         scene = prepared.fixedVolumeNode.GetScene()
         before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
@@ -497,6 +522,153 @@ def jacobian_color_node(scene):
     return node
 
 
+def add_jacobian_legend(node):
+    """A colour legend (Slicer's vtkMRMLColorLegendDisplayNode) for a det J volume, shown in slice views, titled and
+    labelled over `JACOBIAN_RANGE`; the existing one is reused."""
+    legend = slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(node)
+    if legend is None:
+        legend = slicer.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(node)
+    if legend is None:
+        return None
+    legend.SetTitleText("det J")
+    legend.SetLabelFormat("%.2f")
+    legend.SetNumberOfLabels(5)
+    legend.SetVisibility(True)
+    legend.SetVisibility2D(True)
+    return legend
+
+
+def comparison_table(scene, create: bool = False):
+    """The scene's comparison table (one row per registration), created with `COMPARISON_COLUMNS` if `create`."""
+    tables = scene.GetNodesByClass("vtkMRMLTableNode")
+    for i in range(tables.GetNumberOfItems()):
+        node = tables.GetItemAsObject(i)
+        if node.GetAttribute(COMPARISON_ATTRIBUTE):
+            return node
+    if not create:
+        return None
+    node = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName("DeepRegistration comparison"))
+    node.SetAttribute(COMPARISON_ATTRIBUTE, "1")
+    _fill_table(node, [(name, [], unit) for name, unit in COMPARISON_COLUMNS])
+    return node
+
+
+def comparison_row(result, run: str, moving: str, fixed: str, landmark_report: dict | None = None) -> dict:
+    """The comparison-table values of one registration (`COMPARISON_COLUMNS`), by column name."""
+    metrics = result.metrics
+    run_info = metrics.run
+    preset = getattr(run_info.options, "preset", None) if run_info is not None else None
+    labels, marks = metrics.labels, metrics.landmarks
+    nan = float("nan")
+    weights = run_info.options.weights if run_info is not None else None
+    return {"Run": run, "Moving": moving, "Fixed": fixed, "Method": result.method,
+            "Model": Path(weights).name if weights else "shipped", "Preset": str(preset) if preset else "—",
+            "Dice": labels.after.mean_dice if labels is not None else nan,
+            "HD95": labels.after.mean_hd95 if labels is not None else nan,
+            "TRE": marks.mean_after if marks is not None else nan,
+            "Folding": metrics.jacobian.percent_nonpositive, "SDlogJ": metrics.jacobian.sdlogj,
+            "Time": run_info.time_s.get("total", nan) if run_info is not None else nan}
+
+
+def add_comparison_row(table_node, row: dict) -> None:
+    """Append `row` (from `comparison_row`) to a comparison table."""
+    table = table_node.GetTable()
+    index = table.GetNumberOfRows()
+    table.InsertNextBlankRow()
+    for column, (name, unit) in enumerate(COMPARISON_COLUMNS):
+        value = row[name]
+        table.SetValue(index, column, vtk.vtkVariant(str(value) if unit is None else float(value)))
+    table_node.Modified()
+
+
+def table_values(table_node) -> list[dict[str, Any]]:
+    """The rows of a table node as dicts of Python values (text columns as str, numeric ones as float)."""
+    table = table_node.GetTable()
+    names = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    rows = []
+    for r in range(table.GetNumberOfRows()):
+        row = {}
+        for c, name in enumerate(names):
+            value = table.GetValue(r, c)
+            row[name] = value.ToString() if value.IsString() else value.ToDouble()
+        rows.append(row)
+    return rows
+
+
+def _slice_composite_nodes(scene) -> list:
+    nodes = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+    return [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+
+
+def _unit_intensities(node) -> np.ndarray:
+    """A volume's voxels mapped from its 1st…99th percentile to [0, 1], so two volumes of different intensity scales
+    (or modalities) can be shown side by side."""
+    data = image_from_volume_node(node).data.astype(np.float32)
+    low, high = np.percentile(data, (1.0, 99.0))
+    return np.clip((data - low) / max(float(high - low), 1e-12), 0.0, 1.0)
+
+
+def checkerboard_volume(fixedNode, warpedNode, tiles: int = 8):
+    """A volume alternating blocks of the fixed and the warped volume (each scaled by `_unit_intensities`, so the
+    blocks are comparable), `tiles` blocks along each axis; one per warped volume, updated when shown again."""
+    fixed, warped = image_from_volume_node(fixedNode), image_from_volume_node(warpedNode)
+    if not fixed.grid.same_as(warped.grid, tol=1e-3):
+        raise InputError(f"{warpedNode.GetName()!r} does not lie on the grid of {fixedNode.GetName()!r}; the "
+                         "checkerboard compares a warped volume with its fixed volume")
+    a, b = _unit_intensities(fixedNode), _unit_intensities(warpedNode)
+    blocks = [np.arange(n) * tiles // max(n, 1) for n in fixed.grid.shape]
+    parity = (blocks[0][:, None, None] + blocks[1][None, :, None] + blocks[2][None, None, :]) % 2 == 0
+    scene = warpedNode.GetScene()
+    node = warpedNode.GetNodeReference("DeepRegistration.checkerboard")
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
+                                       scene.GenerateUniqueName(f"{warpedNode.GetName()} checkerboard"))
+        warpedNode.SetNodeReferenceID("DeepRegistration.checkerboard", node.GetID())
+    update_volume_node(node, Image(np.where(parity, a, b).astype(np.float32), fixed.grid, node.GetName()))
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    return node
+
+
+def show_comparison(fixedNode, warpedNode, mode: str):
+    """Show the fixed volume against the warped one in every slice view of the scene:
+
+    - "overlay": warped over fixed at 50 % opacity;
+    - "checkerboard": alternating blocks of both (`checkerboard_volume`) as the background;
+    - "difference": fixed minus warped, by the slice views' own "subtract" layer compositing;
+    - "flicker": warped over fixed at full opacity; `flicker_step` toggles it (the widget calls it on a timer).
+    Returns the checkerboard volume for "checkerboard", else None.
+    """
+    if mode not in COMPARE_MODES:
+        raise InputError(f"unknown comparison {mode!r}; use one of {', '.join(COMPARE_MODES)}")
+    scene = fixedNode.GetScene()
+    board = checkerboard_volume(fixedNode, warpedNode) if mode == "checkerboard" else None
+    for composite in _slice_composite_nodes(scene):
+        wasModified = composite.StartModify()
+        if board is not None:
+            composite.SetBackgroundVolumeID(board.GetID())
+            composite.SetForegroundVolumeID(None)
+        else:
+            composite.SetBackgroundVolumeID(fixedNode.GetID())
+            composite.SetForegroundVolumeID(warpedNode.GetID())
+        composite.SetForegroundOpacity(0.5 if mode == "overlay" else 1.0)
+        composite.SetCompositing(composite.Subtract if mode == "difference" else composite.Alpha)
+        composite.EndModify(wasModified)
+    return board
+
+
+def flicker_step(scene) -> float:
+    """Toggle the foreground layer of every slice view between hidden and shown; returns the new opacity."""
+    composites = _slice_composite_nodes(scene)
+    opacity = 0.0 if composites and composites[0].GetForegroundOpacity() > 0.5 else 1.0
+    for composite in composites:
+        composite.SetForegroundOpacity(opacity)
+    return opacity
+
+
 def _fill_table(table_node, columns: list[tuple[str, list, str]]) -> None:
     """Replace a table's columns by `columns`: (name, values, unit); string columns have unit None."""
     table_node.RemoveAllColumns()
@@ -529,7 +701,8 @@ class _OutputBuilder:
                       "segmentTable": f"{self.movingName} segment metrics ({self.method})",
                       "segmentChart": f"{self.movingName} Dice ({self.method})",
                       "landmarkTable": f"{self.movingName} landmark TRE ({self.method})",
-                      "residuals": f"{self.movingName} landmark residuals ({self.method})"}
+                      "residuals": f"{self.movingName} landmark residuals ({self.method})",
+                      "comparison": "DeepRegistration comparison"}
         self.built = RegistrationNodes(result)
         self.transformDisplay = "none"
 
@@ -627,6 +800,7 @@ class _OutputBuilder:
         display.SetAndObserveColorNodeID(jacobian_color_node(self.scene).GetID())
         display.AutoWindowLevelOff()
         display.SetWindowLevelMinMax(*JACOBIAN_RANGE)
+        add_jacobian_legend(node)
         return node
 
     def folding(self, key: str, folding: Image):
@@ -650,6 +824,10 @@ class _OutputBuilder:
         segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), labelmap)
         segmentation.AddSegment(segment, FOLDING_SEGMENT_ID)
         node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+        display.SetVisibility2DFill(False)  # outlined, so the anatomy under a folded region stays visible
+        display.SetVisibility2DOutline(True)
+        display.SetSliceIntersectionThickness(2)
         return node
 
     def segment_rows(self) -> list[dict[str, Any]]:
@@ -733,14 +911,29 @@ class _OutputBuilder:
         folder = self.hierarchy.CreateFolderItem(self.hierarchy.GetSceneItemID(),
                                                  self.hierarchy.GenerateUniqueItemName(self.names[key]))
         lines = []
-        for label, start, end in zip(report["labels"], report["mapped_fixed_points"],
-                                     self.prepared.job.moving_points):
-            line = self.scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode",
-                                                self.scene.GenerateUniqueName(f"residual {label}"))
+        for label, start, end, before, after in zip(report["labels"], report["mapped_fixed_points"],
+                                                    self.prepared.job.moving_points, report["before"],
+                                                    report["after"]):
+            name = f"residual {label}: {after:.1f} mm (before {before:.1f})"
+            line = self.scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", self.scene.GenerateUniqueName(name))
             line.AddControlPoint(vtk.vtkVector3d(*start), f"{label} mapped")
             line.AddControlPoint(vtk.vtkVector3d(*end), f"{label} moving")
             line.SetLocked(True)
+            line.SetAttribute("DeepRegistration.treBefore", f"{before:.4f}")
+            line.SetAttribute("DeepRegistration.treAfter", f"{after:.4f}")
             line.CreateDefaultDisplayNodes()
+            color = RESIDUAL_COLORS["improved" if after <= before else "worse"]
+            line.GetDisplayNode().SetSelectedColor(*color)
+            line.GetDisplayNode().SetColor(*color)
             self.hierarchy.SetItemParent(self.item(line), folder)
             lines.append(line)
         return lines
+
+    def comparison(self, key: str, metrics):
+        """One row for this run in the scene's comparison table (created by the first run)."""
+        if not getattr(self.outputs, key):
+            return None
+        table = comparison_table(self.scene, create=True)
+        add_comparison_row(table, comparison_row(self.result, self.names["transform"], self.movingName,
+                                                 self.fixedName, self.built.landmarkReport))
+        return table

@@ -105,6 +105,7 @@ OUTPUTS: tuple[OutputSpec, ...] = (
     OutputSpec("landmarkTable", lambda r: r.metrics.landmarks, node_class="vtkMRMLTableNode", build="landmark_table"),
     OutputSpec("residuals", lambda r: r.metrics.landmarks, node_class="vtkMRMLMarkupsLineNode", build="residuals",
                chosen=False),
+    OutputSpec("comparison", lambda r: r.metrics, node_class="vtkMRMLTableNode", build="comparison", chosen=False),
     _stored("metrics", "metrics", "metrics.json", write_metrics),
 )
 """Every output, in the order they are written and built. The fields and the Jacobian map are float32 values that

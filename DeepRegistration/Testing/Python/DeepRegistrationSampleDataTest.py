@@ -3,8 +3,9 @@
 1. The known ground-truth field, turned into a grid transform node by the module's logic, maps every fixed landmark
    onto its moving landmark (to the file's 0.01 mm storage step), and hardening it on a clone of the moving volume
    brings the moving image onto the fixed one.
-2. With the shipped LapIRN model (skipped when the repository has no Resources/Models/lapirn.safetensors), the
+2. With the shipped LapIRN model (skipped when the build has no Resources/Models/lapirn.safetensors), the
    module's logic improves Dice and TRE and leaves its inputs unchanged.
+Both need the packages the module installs on its first Apply; without them the test is skipped with the reason.
 """
 
 from pathlib import Path
@@ -20,9 +21,16 @@ SAMPLE_DIR = Path(__file__).resolve().parents[3] / "Resources" / "SampleData"
 
 class DeepRegistrationSampleDataTest(ScriptedLoadableModuleTest):
     def setUp(self):
-        slicer.mrmlScene.Clear()
+        slicer.mrmlScene.Clear(0)
 
     def runTest(self):
+        # DeepRegistrationLib needs PyTorch, nibabel, SciPy and safetensors: install them as the module's first Apply
+        # does (in testing mode without asking); where that is impossible the test is skipped, saying why.
+        import DeepRegistration
+
+        problems = []
+        if not DeepRegistration.setupEnvironment(problems.append):
+            self.skipTest("DeepRegistration's packages are not available: " + " ".join(problems))
         self.setUp()
         self.test_GroundTruthTransform()
         self.setUp()
