@@ -128,7 +128,10 @@ class DeepRegistrationParameterNode:
     movingSegmentation: LabelNode
     fixedLandmarks: vtkMRMLMarkupsFiducialNode
     movingLandmarks: vtkMRMLMarkupsFiducialNode
-    mask: LabelNode
+    fixedGuidance: vtkMRMLMarkupsFiducialNode
+    movingGuidance: vtkMRMLMarkupsFiducialNode
+    fixedMask: LabelNode
+    movingMask: LabelNode
     method: str = "lapirn"  # registry.DEFAULT_METHOD (the backend is not importable before its install)
     preset: Annotated[str, Choice(["fast", "balanced", "accurate"])] = "balanced"  # refine_settings.PRESETS
     refinement: str = "{}"  # JSON {setting: value}: overrides of the preset's refinement settings
@@ -294,7 +297,8 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._prepared = None
         self._outputs = None
         self._devices = None  # the probe's answer, once asked
-        self._lastNodes = None  # RegistrationNodes of the last run (for the comparison views)
+        self._lastNodes = None  # RegistrationNodes of the last run (for the comparison views and Refine)
+        self._refining = None  # the RegistrationNodes the running job writes over (Refine), else None
         self._flickerTimer = None
 
     # ----------------------------------------------------------------------------------------- lifecycle
@@ -313,6 +317,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.refineButton.connect("clicked(bool)", self.onRefineButton)
         self.ui.methodComboBox.connect("currentIndexChanged(int)", self.onMethodChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.refreshDevicesButton.connect("clicked(bool)", self.onRefreshDevices)
@@ -358,6 +363,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job.abandon()
         self._flickerTimer.stop()
         self._lastNodes = None
+        self.ui.refineButton.enabled = False
         self.setComparisonEnabled(False)
         for view in (self.ui.segmentTableView, self.ui.landmarkTableView, self.ui.comparisonTableView):
             view.setMRMLTableNode(None)
@@ -814,16 +820,45 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return RegistrationOptions(parameters=self.methodOverrides(), refinement=json.loads(p.refinement or "{}"),
                                    weights=p.weights or None, **values)
 
-    def start(self) -> None:
-        """Read the inputs and start the worker on them; nothing in the scene changes until it succeeded."""
+    def onRefineButton(self) -> None:
+        """Run the last registration again with the guidance points pulling the warp where it is wrong, into the
+        last run's own nodes (updated in place; the scene is unchanged if it fails)."""
+        p = self._parameterNode
+        if self._job is not None or self._lastNodes is None:
+            return
+        if not (p.fixedGuidance and p.movingGuidance):
+            self.report(_("Place guidance points in the fixed and the moving image (two point lists, matched by "
+                          "label or order) and choose them under Inputs, then press Refine."))
+            return
+        from DeepRegistrationLib.core.errors import InputError, ResourceError
+
+        try:
+            with slicer.util.WaitCursor():
+                self.start(refine=self._lastNodes)
+        except (InputError, ResourceError) as exc:
+            self.report(str(exc))
+
+    def outputsOf(self, nodes):
+        """The outputs that write over the nodes of an earlier run (and new residual lines, which replace its own
+        once the run succeeded)."""
+        from DeepRegistrationLib.frontends.mrml import NODE_OUTPUTS, Outputs
+
+        keep = {spec.key: (getattr(nodes, spec.key) or False) for spec in NODE_OUTPUTS if spec.chosen}
+        return Outputs(**keep, segmentChart=False, residuals=bool(nodes.residuals))
+
+    def start(self, refine=None) -> None:
+        """Read the inputs and start the worker on them; nothing in the scene changes until it succeeded. With
+        `refine` (the `RegistrationNodes` of an earlier run), its nodes are the outputs."""
         from DeepRegistrationLib.frontends.job_process import JobProcess
 
         p = self._parameterNode
         mrml = self.logic.mrmlLogic()
         prepared = mrml.prepareJob(p.fixedVolume, p.movingVolume, self.options(),
                                    fixedSegmentation=p.fixedSegmentation, movingSegmentation=p.movingSegmentation,
-                                   fixedLandmarks=p.fixedLandmarks, movingLandmarks=p.movingLandmarks, mask=p.mask)
-        outputs = self.outputs()
+                                   fixedLandmarks=p.fixedLandmarks, movingLandmarks=p.movingLandmarks,
+                                   fixedGuidance=p.fixedGuidance, movingGuidance=p.movingGuidance,
+                                   fixedMask=p.fixedMask, movingMask=p.movingMask)
+        outputs = self.outputs() if refine is None else self.outputsOf(refine)
         mrml.checkOutputs(prepared, outputs)
         python = pythonSlicer()
         self.ui.logTextEdit.clear()
@@ -832,6 +867,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                          finished=self.onFinished, temporary_dir=slicer.app.temporaryPath)
         backend.connectTo(job)
         self._job, self._backend, self._prepared, self._outputs = job, backend, prepared, outputs
+        self._refining = refine
         self.setRunning(True)
         self.log(_("Registering {moving} to {fixed} with {method} on {device}…").format(
             moving=p.movingVolume.GetName(), fixed=p.fixedVolume.GetName(), method=p.method, device=p.device))
@@ -850,6 +886,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setRunning(self, running: bool) -> None:
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
         self.ui.applyButton.enabled = True
+        self.ui.refineButton.enabled = not running and self._lastNodes is not None
         for widget in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton,
                        self.ui.outputsCollapsibleButton):
             widget.enabled = not running
@@ -892,6 +929,10 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except InputError as exc:  # an input or chosen output was removed meanwhile; nothing was created
             self.report(str(exc))
             return
+        if self._refining is not None:  # the earlier run's residual lines describe the warp it replaced
+            for line in self._refining.residuals:
+                if line.GetScene() is not None:
+                    slicer.mrmlScene.RemoveNode(line)
         self.showResults(nodes)
 
     def showResults(self, nodes) -> None:
@@ -900,6 +941,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from DeepRegistrationLib.frontends.mrml import show_comparison
 
         self._lastNodes = nodes
+        self.ui.refineButton.enabled = True
         if nodes.warped is not None:
             show_comparison(self._prepared.fixedVolumeNode, nodes.warped, "overlay")
             slicer.util.resetSliceViews()

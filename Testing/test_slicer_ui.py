@@ -125,8 +125,8 @@ def test_every_parameter_name_is_a_field_with_a_matching_widget(tree, ui):
             assert cls in TYPE_WIDGETS[kind], (name, cls, kind)
     # the inputs and outputs the issue names are all in the panel
     for parameter in ("fixedVolume", "movingVolume", "fixedSegmentation", "movingSegmentation", "fixedLandmarks",
-                      "movingLandmarks", "mask", "outputTransform", "outputVolume", "outputJacobian",
-                      "outputFolding", "transformDisplay"):
+                      "movingLandmarks", "fixedGuidance", "movingGuidance", "fixedMask", "movingMask", "preset",
+                      "outputTransform", "outputVolume", "outputJacobian", "outputFolding", "transformDisplay"):
         assert parameter in bound, parameter
 
 

@@ -530,3 +530,42 @@ def test_reload_and_test_without_pytorch_says_why_instead_of_failing(tmp_path):
         assert not [p for p in h.popups if "Reload and Test" in p[1]], h.popups
         assert any("self-test not run" in m and "PyTorch extension" in m for m in util.DELAY_DISPLAYS)
         assert not h.consoleTracebacks
+
+
+def test_refine_with_guidance_points_updates_the_last_run_in_place(harness, tiny, small_arrays):
+    """The issue-15 correction loop: register, place a guidance pair where the warp is wrong, press Refine; the same
+    transform, warped volume and Jacobian nodes are rewritten (no new ones), the mapped fixed guidance point moves
+    towards its partner, and the comparison table gains the refined run."""
+    widget = harness.openModule()
+    ui = widget.ui
+    fixed, moving = small_pair(small_arrays)[:2]
+    choose(widget, fixed, moving)
+    choose_method(widget, "lapirn", tiny["lapirn"])
+    assert not ui.refineButton.enabled, "nothing to refine before a run"
+    apply(harness, widget)
+    assert ui_done(widget), ui.statusLabel.text
+    first = widget._lastNodes
+    digest, transform, warped = grid_digest(first.transform), first.transform, first.warped
+    rows = first.comparison.GetTable().GetNumberOfRows()
+
+    ui.refineButton.click()  # no guidance points chosen yet: said in the panel, nothing run
+    assert "guidance points" in ui.statusLabel.text and widget._lastNodes is first
+
+    scene = slicer.mrmlScene
+    target_fixed, target_moving = np.array([-4.0, 3.0, 2.0]), np.array([2.0, 7.0, -1.0])
+    for name, point in (("fixed guidance", target_fixed), ("moving guidance", target_moving)):
+        node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+        node.AddControlPoint(vtk.vtkVector3d(*point), "G1")
+        (ui.fixedGuidanceSelector if name.startswith("fixed") else ui.movingGuidanceSelector).setCurrentNode(node)
+    before = np.linalg.norm(np.array(transform.GetTransformFromParent().TransformPoint(*target_fixed)) - target_moving)
+    volumes = names(scene, "vtkMRMLScalarVolumeNode")
+    ui.refineButton.click()
+    harness.processEvents()
+    assert ui_done(widget), ui.statusLabel.text
+    refined = widget._lastNodes
+    assert refined.transform is transform and refined.warped is warped, "the last run's nodes, updated in place"
+    assert names(scene, "vtkMRMLScalarVolumeNode") == volumes, "no new volumes"
+    assert grid_digest(transform) != digest
+    after = np.linalg.norm(np.array(transform.GetTransformFromParent().TransformPoint(*target_fixed)) - target_moving)
+    assert after < before - 1.0, (before, after)
+    assert refined.comparison.GetTable().GetNumberOfRows() == rows + 1

@@ -390,12 +390,13 @@ class MRMLLogic:
 
     def prepareJob(self, fixedVolumeNode, movingVolumeNode, options: RegistrationOptions | None = None, *,
                    fixedSegmentation=None, movingSegmentation=None, fixedLandmarks=None, movingLandmarks=None,
-                   mask=None) -> PreparedJob:
+                   fixedGuidance=None, movingGuidance=None, fixedMask=None, movingMask=None) -> PreparedJob:
         """Read the inputs from the scene into a `RegistrationJob` (copies; the nodes are only read).
 
-        Segmentations: two `vtkMRMLSegmentationNode`s or two `vtkMRMLLabelMapVolumeNode`s. Landmarks: two markups
-        fiducial nodes, matched by label, else by order. `mask`: a segmentation or label map on the fixed image, the
-        region where Jacobian statistics are also reported.
+        Segmentations: two `vtkMRMLSegmentationNode`s or two `vtkMRMLLabelMapVolumeNode`s. Landmarks (scored) and
+        guidance points (steering the refinement, never scored): two markups fiducial nodes each, matched by label,
+        else by order. `fixedMask`/`movingMask`: a segmentation or label map on its image, where the refinement
+        compares the images; Jacobian statistics are also reported inside the fixed one.
         """
         check_volume_pair(fixedVolumeNode, movingVolumeNode)
         options = options or RegistrationOptions()
@@ -416,9 +417,17 @@ class MRMLLogic:
                                                                                                   movingLandmarks)
             prepared.landmarkLabels = labels
             prepared.inputNodes += [fixedLandmarks, movingLandmarks]
-        if mask is not None:
-            job.fixed_mask = mask_from_node(mask, fixedVolumeNode, fixed)
-            prepared.inputNodes.append(mask)
+        if (fixedGuidance is None) != (movingGuidance is None):
+            raise InputError("give both fixed and moving guidance points, or neither")
+        if fixedGuidance is not None:
+            _, job.guidance_fixed_points, job.guidance_moving_points, _ = match_landmarks(fixedGuidance,
+                                                                                          movingGuidance)
+            prepared.inputNodes += [fixedGuidance, movingGuidance]
+        for node, volume, image, name in ((fixedMask, fixedVolumeNode, fixed, "fixed_mask"),
+                                          (movingMask, movingVolumeNode, moving, "moving_mask")):
+            if node is not None:
+                setattr(job, name, mask_from_node(node, volume, image))
+                prepared.inputNodes.append(node)
         return prepared
 
     def checkOutputs(self, prepared: PreparedJob, outputs: Outputs) -> None:
