@@ -5,7 +5,8 @@ for that subject: the T1 with and without skull, the labels, the tables) has a s
 the model's data manifest (`training.provenance.training_hashes`: every training subject's files, a user's folder,
 the field bank's sources). A model whose record has no data manifest with hashes (a folder run of an old trainer,
 a hand-made model) has no held-out pairs: nothing proves what it saw. Identity and the classical methods learn
-nothing, so every pair is held out for them; the report compares each network with them on its own held-out pairs.
+nothing (nor does the per-pair optimisation, `optimise`), so every pair is held out for them; the report compares each
+network with them on its own held-out pairs.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def model_hashes(record: dict[str, Any]) -> set[str] | None:
 
 
 def network_record(method: Method, weights: str | None = None) -> dict[str, Any]:
-    path = weights or METHODS[method.name].weights_path
+    path = weights or METHODS[method.settings["method"]].weights_path
     return read_metadata(path).get("record", {})
 
 
@@ -76,8 +77,8 @@ def held_out_pairs(manifest: Manifest, specs: list[PairSpec], methods: list[Meth
     subject_hashes = subject_hashes or anatomy_hashes(manifest, anatomy_dir)
     out = {}
     for method in methods:
-        if method.kind != "network":
-            continue
+        if method.kind != "network" or not METHODS[method.settings["method"]].is_network:
+            continue  # identity, classical tools and the optimisation learn nothing: every pair is held out
         record = (records or {}).get(method.name) or network_record(method)
         out[method.name] = held_out_for(model_hashes(record), specs, subject_hashes, method)
     return out
