@@ -16,7 +16,7 @@ from DeepRegistrationLib.core.geometry import Grid
 from training.data import head, labelsynth, synth
 from training.data.fieldbank import FieldBank, bank_grid, bank_record, log_field
 from training.data.phantom import ellipsoid_labels
-from training.data.subjects import sha256
+from DeepRegistrationLib.methods.models import sha256_of
 
 SHAPE = (24, 24, 24)
 
@@ -111,7 +111,7 @@ def test_field_bank_draws_and_its_record(tmp_path):
     v_mm = (v[0] * 16.0).permute(1, 2, 3, 0).numpy()
     nib.save(nib.Nifti1Image(v_mm.astype(np.float32), grid.affine), str(tmp_path / "a__b.nii.gz"))
     manifest = {"grid": {"shape": list(grid.shape), "affine": grid.affine.tolist()}, "sources": {"a": {"t1": "1" * 64}},
-                "fields": [{"file": "a__b.nii.gz", "sha256": sha256(tmp_path / "a__b.nii.gz")}]}
+                "fields": [{"file": "a__b.nii.gz", "sha256": sha256_of(tmp_path / "a__b.nii.gz")}]}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     bank = FieldBank(tmp_path, 8.0, (16, 16, 16))
     first = bank.velocity(torch.Generator().manual_seed(1), (1.0, 1.0), 0.0)

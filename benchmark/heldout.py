@@ -14,10 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from DeepRegistrationLib.methods.models import read_metadata
+from DeepRegistrationLib.methods.models import read_metadata, sha256_of
 from DeepRegistrationLib.methods.registry import METHODS
 
-from training.data.subjects import sha256
 from training.provenance import training_hashes
 
 from .methods import Method
@@ -47,7 +46,7 @@ def anatomy_hashes(manifest: Manifest, anatomy_dir: Path) -> SubjectHashes:
     def hashes(subject: str) -> set[str]:
         if subject not in cache:
             folder = (Path(anatomy_dir) / manifest.subjects[subject]["image"]).parent
-            cache[subject] = {sha256(p) for p in sorted(folder.iterdir())
+            cache[subject] = {sha256_of(p) for p in sorted(folder.iterdir())
                               if p.is_file() and p.name != "manifest.json"} if folder.is_dir() else set()
         return cache[subject]
 

@@ -19,7 +19,9 @@ from typing import Any, Iterable
 
 from DeepRegistrationLib.core.errors import InputError
 
-from .data.subjects import sha256, subject_files  # noqa: F401  (re-exported)
+from DeepRegistrationLib.methods.models import sha256_of
+
+from .data.subjects import subject_files
 from .recipe import ANATOMY_KINDS, Recipe
 NOT_SUBJECTS = ("spec", "held_out", "fieldbank", "folder")
 """Keys of a data manifest that are not training subjects."""
@@ -28,7 +30,7 @@ NOT_SUBJECTS = ("spec", "held_out", "fieldbank", "folder")
 def folder_files(folder: str | Path) -> dict[str, str]:
     """{relative path: sha256} of every NIfTI file under a user's training folder."""
     folder = Path(folder)
-    return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*.nii*")) if p.is_file()}
+    return {str(p.relative_to(folder)): sha256_of(p) for p in sorted(folder.rglob("*.nii*")) if p.is_file()}
 
 
 def data_manifest(recipe: Recipe) -> dict[str, Any]:

@@ -8,7 +8,6 @@ extracted and converted in a temporary folder beside the destination and moved i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 from .label_protocols import validate_label_table, write_label_table
+from DeepRegistrationLib.methods.models import sha256_of
 
 MANIFEST = "manifest.json"
 
@@ -142,19 +142,11 @@ def save_labels(path: Path, labels: np.ndarray, affine: np.ndarray, table: dict[
     write_label_table(path.with_name(path.name.replace(".nii.gz", ".tsv")), table)
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path, dataset: Dataset, package_file: str, seconds: float) -> dict:
     """Record every file (download + conversion time in `seconds`) of `folder` with its sha256, and each image's shape and spacing (mm)."""
     files, images = {}, {}
     for path in sorted(p for p in folder.iterdir() if p.name != MANIFEST):
-        files[path.name] = sha256(path)
+        files[path.name] = sha256_of(path)
         if path.name.endswith(".nii.gz"):
             header = nib.load(str(path)).header
             images[path.name] = {"shape": list(header.get_data_shape()),
@@ -172,7 +164,7 @@ def is_complete(folder: Path) -> bool:
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         return bool(manifest["files"]) and all(
-            (folder / name).is_file() and sha256(folder / name) == digest for name, digest in manifest["files"].items())
+            (folder / name).is_file() and sha256_of(folder / name) == digest for name, digest in manifest["files"].items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

@@ -35,7 +35,9 @@ from DeepRegistrationLib.core.errors import InputError
 from DeepRegistrationLib.core.geometry import Grid
 
 from . import synth
-from .subjects import sha256, tissue_classes
+from DeepRegistrationLib.methods.models import sha256_of
+
+from .subjects import tissue_classes
 
 MANIFEST = "manifest.json"
 FOV_MM = (192.0, 224.0, 192.0)
@@ -150,7 +152,7 @@ def build_bank(anatomy_dir: Path, out: Path, subjects: Sequence[str] = ("icbm152
         name = f"{fixed}__{moving}.nii.gz"
         nib.save(nib.Nifti1Image(v_mm.astype(np.float32), grid.affine), str(out / name))
         norm = np.linalg.norm(d_mm, axis=-1)[brain]
-        fields.append({"file": name, "fixed": fixed, "moving": moving, "sha256": sha256(out / name),
+        fields.append({"file": name, "fixed": fixed, "moving": moving, "sha256": sha256_of(out / name),
                        "p95_mm": round(float(np.percentile(norm, 95)), 3), "max_mm": round(float(norm.max()), 3),
                        "log_residual_max_vox": round(residual, 4)})
         log(f"{name}: 95th percentile {fields[-1]['p95_mm']:.2f} mm, peak {fields[-1]['max_mm']:.2f} mm, "
@@ -178,9 +180,9 @@ def bank_record(path: str | Path) -> dict[str, Any]:
     manifest = read_manifest(path)
     for entry in manifest["fields"]:
         file = Path(path) / entry["file"]
-        if not file.is_file() or sha256(file) != entry["sha256"]:
+        if not file.is_file() or sha256_of(file) != entry["sha256"]:
             raise InputError(f"{file}: missing or changed since the bank was built; rebuild the field bank")
-    return {"manifest_sha256": sha256(Path(path) / MANIFEST), "sources": manifest["sources"],
+    return {"manifest_sha256": sha256_of(Path(path) / MANIFEST), "sources": manifest["sources"],
             "fields": {e["file"]: e["sha256"] for e in manifest["fields"]}}
 
 

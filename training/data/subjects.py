@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from DeepRegistrationLib.core.errors import InputError
 from DeepRegistrationLib.core.geometry import Grid
 from DeepRegistrationLib.core.image import read_image, read_labels
 from DeepRegistrationLib.core.resample import normalize_intensity, resample_array
+from DeepRegistrationLib.methods.models import sha256_of
 
 from .label_protocols import ASEG_TISSUE
 
@@ -64,14 +64,6 @@ def tissue_classes(name: str) -> dict[int, str]:
 MANIFEST = "manifest.json"
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def subject_files(anatomy_dir: str | Path, name: str, role: str = "training") -> dict[str, str]:
     """{file name: sha256} of every file a fetch wrote for subject `name` (its manifest lists them).
 
@@ -86,4 +78,4 @@ def subject_files(anatomy_dir: str | Path, name: str, role: str = "training") ->
     missing = sorted(f for f in listed if not (folder / f).is_file())
     if missing:
         raise InputError(f"{role} subject {name!r}: files {missing} of {manifest} are missing; fetch again")
-    return {f: sha256(folder / f) for f in sorted(listed)}
+    return {f: sha256_of(folder / f) for f in sorted(listed)}
