@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from DeepRegistrationLib.engine.options import RegistrationOptions
+from DeepRegistrationLib.methods.registry import METHODS
 from DeepRegistrationLib.frontends import environment, probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +73,7 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 from DeepRegistrationLib.core.errors import InputError
 from DeepRegistrationLib.engine.options import RegistrationOptions
+from DeepRegistrationLib.methods.registry import METHODS
 from DeepRegistrationLib.frontends import environment, inputs
 from DeepRegistrationLib.methods.registry import METHODS, get_method
 print(len(METHODS), get_method('lapirn').weights_path.name, RegistrationOptions().method)
@@ -83,7 +85,7 @@ except InputError as exc:
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "DeepRegistration", capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[0] == "7 lapirn.safetensors lapirn"
+    assert done.stdout.splitlines()[0] == f"{len(METHODS)} lapirn.safetensors lapirn"
     assert "a 'lapirn' model, not 'voxelmorph'" in done.stdout
 
 

@@ -41,7 +41,7 @@ def test_each_run_adds_one_row_to_the_scene_comparison_table_and_a_failed_one_no
     rows = table_values(second.comparison)
     assert [r["Method"] for r in rows] == ["lapirn", "voxelmorph"]
     assert rows[0]["Run"] == first.transform.GetName() and rows[1]["Run"] == second.transform.GetName()
-    assert rows[0]["Model"] == "my_model.safetensors" and rows[0]["Preset"] == "—"
+    assert rows[0]["Model"] == "my_model.safetensors" and rows[0]["Preset"] == "balanced"
     assert rows[0]["Folding"] == pytest.approx(first.metrics.jacobian.percent_nonpositive)
     assert rows[0]["TRE"] == pytest.approx(first.metrics.landmarks.mean_after)
     assert math.isnan(rows[1]["TRE"]) and math.isnan(rows[1]["Dice"]), "no landmarks, no segmentations: NaN"
@@ -59,12 +59,12 @@ def test_each_run_adds_one_row_to_the_scene_comparison_table_and_a_failed_one_no
     assert out.comparison is None and len(table_values(mrml.comparison_table(scene))) == 2
 
 
-def test_preset_column_reads_the_option_when_it_exists(data):
+def test_preset_column_reads_the_run_options(data):
     scene, nodes = build_scene(data)
     out = run(scene, nodes)
     row = mrml.comparison_row(out.result, "run", "m", "f")
-    assert row["Preset"] == "—"
-    out.result.metrics.run.options.preset = "accurate"  # the field another change adds to RegistrationOptions
+    assert row["Preset"] == "balanced", "the default preset"
+    out.result.metrics.run.options.preset = "accurate"
     assert mrml.comparison_row(out.result, "run", "m", "f")["Preset"] == "accurate"
 
 

@@ -5,7 +5,7 @@
 The module runs in the pytest harness of Testing/slicer_harness (slicer-core's MRML scene, Slicer's own slice logics
 and displayable managers in an offscreen VTK render window): the sample pair is loaded through the Sample Data module,
 registered through the panel with the shipped LapIRN model (segmentations, landmarks, the transform shown as a grid),
-then once more with an untrained network, whose folding shows what the folding outline looks like. Each view is one
+then once more with an untrained network alone (preset fast), whose folding shows what the folding outline looks like. Each view is one
 click of the panel (overlay, checkerboard, difference) or the output volumes themselves; the tables are drawn from the
 table nodes. `Testing/test_screenshots.py` regenerates them and checks they are not blank.
 """
@@ -163,8 +163,9 @@ def generate(out_dir: Path, folder: Path | None = None, size: tuple[int, int] = 
         layers(shipped.jacobian)
         save("jacobian.png", views["Red"].image())
 
-        # an untrained network, whose field folds: what the folding outline shows
+        # an untrained network alone (preset fast: the refinement would unfold it): what the folding outline shows
         ui.transformDisplayComboBox.setCurrentIndex(ui.transformDisplayComboBox.findData("none"))
+        ui.presetComboBox.setCurrentIndex(ui.presetComboBox.findText("fast"))
         ui.weightsLineEdit.text = _untrained_folding_model(folder)
         ui.weightsLineEdit.finishEditing()
         ui.applyButton.click()

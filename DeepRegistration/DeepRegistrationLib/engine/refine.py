@@ -25,15 +25,16 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor
 
 from ..core.errors import Cancelled, InputError
 from ..core.geometry import Grid
-from ..core.losses import bending_energy, box_mean, gradient_loss
+from ..core.losses import bending_energy, gradient_loss
 from ..core.mind import mind_ssc
 from ..core.resample import resample_array
-from ..core.warp import gaussian_smooth, integrate_velocity, resize_field, sample, warp_image
+from ..core.warp import gaussian_smooth, integrate_velocity, resize_field, sample
 from .refine_settings import RefineSettings
 
 Progress = Callable[[str, float], None]
@@ -43,6 +44,9 @@ FOREGROUND = 0.1
 """Normalised intensity above which a voxel is foreground (centre of mass, overlap check)."""
 FINAL_LR = 0.05
 """Adam's step size at the end of each level, relative to its start (half-cosine decay)."""
+FLAT_VARIANCE = 1e-4
+"""Local intensity variance (normalised units², a standard deviation of 0.01) below which local NCC treats a
+neighbourhood as flat."""
 
 # ------------------------------------------------------------------------------------------------------ geometry
 
@@ -130,35 +134,57 @@ def _ncc_loss(fixed: Tensor, moving: Tensor, weight: Tensor | None) -> Tensor:
     return 1 - cov / torch.sqrt(_weighted_mean(df * df, weight) * _weighted_mean(dm * dm, weight) + 1e-8)
 
 
+def _box_sums(x: Tensor, window: int) -> Tensor:
+    """Mean over a cubic window of odd size `window`, zero padding, normalised by the full window volume (the
+    result of `losses.box_mean`): per axis a cumulative sum and one difference, so the cost does not grow with
+    the window (several times faster than the convolutions for windows of 5 and more)."""
+    half = window // 2
+    for dim in (2, 3, 4):
+        n = x.shape[dim]
+        pad = [0] * 6
+        pad[2 * (4 - dim)], pad[2 * (4 - dim) + 1] = half + 1, half
+        sums = torch.cumsum(F.pad(x, pad), dim=dim)
+        x = (sums.narrow(dim, window, n) - sums.narrow(dim, 0, n)) / window
+    return x
+
+
 class _BoxMean(torch.autograd.Function):
-    """`losses.box_mean` whose backward is itself: a symmetric, zero-padded box filter is self-adjoint, and this
-    is several times faster than differentiating the convolution."""
+    """`_box_sums` whose backward is itself: a symmetric, zero-padded box filter is self-adjoint."""
 
     @staticmethod
     def forward(ctx, x: Tensor, window: int) -> Tensor:
         ctx.window = window
-        return box_mean(x, window)
+        return _box_sums(x, window)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return box_mean(grad, ctx.window), None
+        return _box_sums(grad, ctx.window), None
 
 
 class _LocalNCC:
-    """1 − weighted mean of the squared local correlation over `window`³ neighbourhoods; fixed-side box
-    statistics precomputed once."""
+    """1 − weighted mean of the squared local correlation cross² / (var_m · (var_f + `FLAT_VARIANCE`)) over
+    `window`³ neighbourhoods; fixed-side box statistics precomputed once.
+
+    The usual form cross² / (var_m · var_f + ε) is not maximised by the true match: ε rewards any warp that raises
+    the moving image's local contrast, which drifts flat regions. Here the stabiliser touches only the fixed side
+    (it down-weights neighbourhoods flat in the fixed image), and the result is invariant to the moving image's
+    contrast but for `FLAT_VARIANCE`·1e-4 added to var_m (a relative bias below 1e-4 wherever the moving
+    neighbourhood is not flat; a clamp instead would bias every flat neighbourhood). Intensities are centred on
+    0.5 first (correlation ignores offsets), which keeps the box sums small and float32 exact enough.
+    """
 
     def __init__(self, fixed: Tensor, window: int) -> None:
-        self.fixed, self.window = fixed, window
-        self.mean_f = box_mean(fixed, window)
-        self.var_f = (box_mean(fixed * fixed, window) - self.mean_f**2).clamp_min(0)
+        self.fixed, self.window = fixed - 0.5, window
+        self.mean_f = _box_sums(self.fixed, window)
+        self.var_f = (_box_sums(self.fixed**2, window) - self.mean_f**2).clamp_min(0) + FLAT_VARIANCE
 
     def __call__(self, moving: Tensor, weight: Tensor | None) -> Tensor:
+        moving = moving - 0.5
         stats = _BoxMean.apply(torch.cat([moving, moving * moving, moving * self.fixed], dim=1), self.window)
         mean_m, mean_mm, mean_mf = stats[:, 0:1], stats[:, 1:2], stats[:, 2:3]
         cross = mean_mf - mean_m * self.mean_f
-        var_m = (mean_mm - mean_m**2).clamp_min(0)
-        return 1 - _weighted_mean(cross * cross / (var_m * self.var_f + 1e-5), weight)
+        var_m = (mean_mm - mean_m**2).clamp_min(0) + FLAT_VARIANCE * 1e-4
+        return 1 - _weighted_mean(cross * cross / (var_m * self.var_f), weight)
 
 
 def _parzen(values: Tensor, bins: int) -> Tensor:
@@ -169,7 +195,9 @@ def _parzen(values: Tensor, bins: int) -> Tensor:
 
 
 class _MutualInformation:
-    """−MI of a Parzen (soft) joint histogram of `bins`² bins; the fixed side's weights precomputed once."""
+    """−normalised MI (H(F) + H(M)) / H(F, M) of a Parzen (soft) joint histogram of `bins`² bins (Studholme's
+    form: plain MI rewards changes of the overlap, which biases an affine towards shrinking or growing); the fixed
+    side's weights precomputed once."""
 
     def __init__(self, fixed: Tensor, bins: int) -> None:
         self.bins, self.fixed_weights = bins, _parzen(fixed, bins)
@@ -178,8 +206,8 @@ class _MutualInformation:
         wf = self.fixed_weights if weight is None else self.fixed_weights * weight.reshape(-1, 1)
         joint = wf.T @ _parzen(moving, self.bins)
         joint = joint / joint.sum().clamp_min(1e-12)
-        outer = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True)
-        return -(joint * torch.log((joint + 1e-10) / (outer + 1e-10))).sum()
+        entropy = lambda p: -(p * torch.log(p + 1e-10)).sum()  # noqa: E731
+        return -(entropy(joint.sum(1)) + entropy(joint.sum(0))) / entropy(joint)
 
 
 def _descriptor_loss(fixed: Tensor) -> Callable[[Tensor, Tensor | None], Tensor]:
@@ -190,19 +218,38 @@ def _descriptor_loss(fixed: Tensor) -> Callable[[Tensor, Tensor | None], Tensor]
 # ------------------------------------------------------------------------------------------------------- affine
 
 
-class _adam(torch.optim.Adam):
-    """Adam whose step size falls from `lr` along a half cosine to `lr`·`FINAL_LR` over `steps` steps (`decay`
-    after each step), so that each level ends settled rather than jittering by about one step."""
+class _Adam:
+    """Adam (β = 0.9, 0.999) whose step size falls from `lr` along a half cosine to `lr`·`FINAL_LR` over `steps`
+    steps, so that each level ends settled rather than jittering by about one step.
 
-    def __init__(self, params: list[Tensor], lr: float, steps: int) -> None:
-        super().__init__(params, lr=lr)
-        self.lr, self.steps, self.taken = lr, max(1, steps), 0
+    `shared`: one second-moment estimate per tensor (the mean of the squared gradient over its elements) instead of
+    one per element. A velocity field needs it: per-element Adam moves every control point by about `lr` per step
+    however small its gradient, so flat image regions, where the gradient is only interpolation noise, drift.
+    `eps` is added to the root second moment; gradients far below it barely move the parameters.
+    """
 
-    def decay(self) -> None:
+    def __init__(self, params: Sequence[Tensor], lr: float, steps: int, shared: bool = False,
+                 eps: float = 1e-8) -> None:
+        self.params, self.lr, self.steps, self.shared, self.eps = list(params), lr, max(1, steps), shared, eps
+        self.first = [torch.zeros_like(p) for p in self.params]
+        self.second = [p.new_zeros(()) if shared else torch.zeros_like(p) for p in self.params]
+        self.taken = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
         self.taken += 1
-        scale = FINAL_LR + (1 - FINAL_LR) * 0.5 * (1 + math.cos(math.pi * min(1.0, self.taken / self.steps)))
-        for group in self.param_groups:
-            group["lr"] = self.lr * scale
+        progress = min(1.0, (self.taken - 1) / self.steps)
+        lr = self.lr * (FINAL_LR + (1 - FINAL_LR) * 0.5 * (1 + math.cos(math.pi * progress)))
+        correction1, correction2 = 1 - 0.9**self.taken, 1 - 0.999**self.taken
+        for p, m, v in zip(self.params, self.first, self.second):
+            g = p.grad
+            m.mul_(0.9).add_(g, alpha=0.1)
+            v.mul_(0.999).add_((g * g).mean() if self.shared else g * g, alpha=0.001)
+            p.sub_(lr * (m / correction1) / (torch.sqrt(v / correction2) + self.eps))
 
 
 class _AffineLevel:
@@ -312,13 +359,12 @@ def optimise_affine(fixed: np.ndarray, fixed_grid: Grid, moving: np.ndarray, mov
                  for level, s, n in zip(levels, settings.affine_levels_mm, settings.affine_iterations)]
     total, done = max(1, sum(n for *_, n in schedule)), 0
     for index, (name, tensors, level, spacing, steps) in enumerate(schedule):
-        optimiser = _adam(tensors if isinstance(tensors, list) else [tensors], settings.affine_lr, steps)
+        optimiser = _Adam(tensors if isinstance(tensors, list) else [tensors], settings.affine_lr, steps)
         for _ in range(steps):
             _step(cancel)
             optimiser.zero_grad()
             level.loss(params.matrix()).backward()
             optimiser.step()
-            optimiser.decay()
             done += 1
             if progress is not None:
                 progress(f"{name} {spacing:g} mm", done / total)
@@ -346,51 +392,83 @@ def _check_overlap(level: _AffineLevel, params: _AffineParameters) -> None:
 
 @dataclass
 class _DeformableLevel:
-    """One resolution of the deformable stage: its image grid, the velocity's control grid and what is compared."""
+    """One resolution of the deformable stage: its image grid, the velocity's control grid and what is compared.
+
+    The similarity is evaluated only in `crop`, the box of the level grid around the fixed foreground (with a
+    margin for the similarity's neighbourhoods): background far from the anatomy holds no information but would
+    cost most of the time. Fixed-side tensors are cropped; the moving features stay whole, to be sampled anywhere.
+    """
 
     grid: Grid
     control: Grid
+    crop: tuple[slice, slice, slice]
+    index: Tensor  # [1, 3, ...] level-grid voxel coordinates of the crop's voxels
     moving_features: Tensor  # [1, C, ...] on `grid`: the moving image through T, or its MIND-SSC descriptor
-    compare: Callable[[Tensor, Tensor | None], Tensor]  # (warped moving features, weight) ↦ loss
-    fixed_weight: Tensor | None
-    moving_weight: Tensor | None
+    compare: Callable[[Tensor, Tensor | None], Tensor]  # (warped moving features in `crop`, weight) ↦ loss
+    fixed_weight: Tensor | None  # in `crop`
+    moving_weight: Tensor | None  # on `grid`
     int_steps: int
     overlaps: bool  # some fixed foreground voxel sees moving foreground (inside the masks)
 
     def similarity(self, disp: Tensor) -> Tensor:
-        """Loss of the moving features warped by the level-grid voxel displacement `disp`, inside the masks."""
+        """Loss of the moving features warped by the level-grid voxel displacement `disp` [1, 3, ...] (whole
+        grid), inside the crop and the masks."""
+        coords = disp[(slice(None), slice(None), *self.crop)] + self.index
         weight = self.fixed_weight
         if self.moving_weight is not None:
-            warped_mask = warp_image(self.moving_weight, disp, padding_mode="zeros")
+            warped_mask = sample(self.moving_weight, coords, padding_mode="zeros")
             weight = warped_mask if weight is None else weight * warped_mask
-        return self.compare(warp_image(self.moving_features, disp), weight)
+        return self.compare(sample(self.moving_features, coords), weight)
+
+
+def _crop_index(crop: tuple[slice, slice, slice], device: torch.device) -> Tensor:
+    """Voxel coordinates [1, 3, ...] of the level grid inside `crop`."""
+    axes = [torch.arange(c.start, c.stop, device=device, dtype=torch.float32) for c in crop]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)[None]
+
+
+def _foreground_box(foreground: Tensor, margin: int) -> tuple[slice, slice, slice]:
+    """The bounding box of the nonzero voxels of `foreground` [I, J, K], grown by `margin` voxels (the whole grid
+    when there are none)."""
+    shape = foreground.shape
+    index = torch.nonzero(foreground)
+    if len(index) == 0:
+        return tuple(slice(0, n) for n in shape)
+    low, high = index.min(0).values.tolist(), index.max(0).values.tolist()
+    return tuple(slice(max(0, lo - margin), min(n, hi + margin + 1)) for lo, hi, n in zip(low, high, shape))
 
 
 def _deformable_level(fixed: np.ndarray, fixed_grid: Grid, moving: np.ndarray, moving_grid: Grid,
-                      transform: np.ndarray, spacing: float, grid: Grid, settings: RefineSettings, multimodal: bool,
-                      fixed_mask: np.ndarray | None, moving_mask: np.ndarray | None, int_steps: int,
-                      device: torch.device) -> _DeformableLevel:
+                      transform: np.ndarray, spacing: float, control_mm: float, grid: Grid,
+                      settings: RefineSettings, multimodal: bool, fixed_mask: np.ndarray | None,
+                      moving_mask: np.ndarray | None, int_steps: int, device: torch.device) -> _DeformableLevel:
     level = _coarser(grid, spacing)
-    control = _coarser(grid, spacing * settings.control_factor)
+    control = _coarser(grid, max(spacing, control_mm))
     f = _volume(_resampled(fixed, fixed_grid, level), device)
     m = _volume(_resampled(moving, moving_grid, level, transform), device)
     if settings.image_sigma > 0:
         f, m = gaussian_smooth(f, settings.image_sigma), gaussian_smooth(m, settings.image_sigma)
-    weights = [None if mask is None else _volume(_resampled((mask != 0).astype(np.float32), mask_grid, level, t,
-                                                            smooth=False), device)
-               for mask, mask_grid, t in ((fixed_mask, fixed_grid, None), (moving_mask, moving_grid, transform))]
-    hit = (f > FOREGROUND) & (m > FOREGROUND)
-    for w in weights:
-        hit = hit if w is None else hit & (w > 0.5)
+    fixed_weight, moving_weight = (
+        None if mask is None else _volume(_resampled((mask != 0).astype(np.float32), mask_grid, level, t,
+                                                     smooth=False), device)
+        for mask, mask_grid, t in ((fixed_mask, fixed_grid, None), (moving_mask, moving_grid, transform)))
+    foreground = f > FOREGROUND
+    if fixed_weight is not None:
+        foreground &= fixed_weight > 0.5
+    hit = foreground & (m > FOREGROUND)
+    if moving_weight is not None:
+        hit &= moving_weight > 0.5
+    crop = _foreground_box(foreground[0, 0], settings.lncc_window + 2 * settings.mind_dilation + 2)
+    region = (slice(None), slice(None), *crop)
     if multimodal and settings.multi_similarity == "mind":
-        f_desc = mind_ssc(f, settings.mind_radius, settings.mind_dilation)
+        compare = _descriptor_loss(mind_ssc(f, settings.mind_radius, settings.mind_dilation)[region])
         m = mind_ssc(m, settings.mind_radius, settings.mind_dilation)
-        compare = _descriptor_loss(f_desc)
     elif multimodal:
-        compare = _MutualInformation(f, settings.mi_bins)
+        compare = _MutualInformation(f[region], settings.mi_bins)
     else:
-        compare = _LocalNCC(f, settings.lncc_window)
-    return _DeformableLevel(level, control, m, compare, weights[0], weights[1], int_steps, bool(hit.any()))
+        compare = _LocalNCC(f[region].contiguous(), settings.lncc_window)
+    return _DeformableLevel(level, control, crop, _crop_index(crop, device), m, compare, None if fixed_weight is None else fixed_weight[region],
+                            moving_weight, int_steps, bool(hit.any()))
 
 
 class _Guidance:
@@ -452,19 +530,20 @@ def optimise_svf(fixed: np.ndarray, fixed_grid: Grid, moving: np.ndarray, moving
     spacings = [max(s, finest) for s in settings.levels_mm]
     velocity = None if initial_velocity is None else initial_velocity.detach().float().to(device)
     total, done = max(1, sum(settings.iterations)), 0
-    for spacing, steps in zip(spacings, settings.iterations):
+    for spacing, control_mm, steps in zip(spacings, settings.control_mm, settings.iterations):
         halvings = int(round(math.log2(spacing / spacings[-1])))
-        level = _deformable_level(fixed, fixed_grid, moving, moving_grid, affine_ras, spacing, grid, settings,
+        level = _deformable_level(fixed, fixed_grid, moving, moving_grid, affine_ras, spacing, control_mm, grid, settings,
                                   multimodal, fixed_mask, moving_mask, max(1, settings.int_steps - halvings), device)
         if done == 0 and not level.overlaps:
             raise InputError("through the pre-alignment no fixed foreground voxel sees moving foreground: the images "
                              "(or their masks) do not overlap; check the affine and the masks")
-        velocity = _optimise_level(level, velocity, settings, pull, steps, done, total, progress, cancel)
+        velocity = _optimise_level(level, f"deformable {spacing:g} mm", velocity, settings, pull, steps, done, total,
+                                   progress, cancel)
         done += steps
     return resize_field(velocity, grid.shape)
 
 
-def _optimise_level(level: _DeformableLevel, velocity: Tensor | None, settings: RefineSettings,
+def _optimise_level(level: _DeformableLevel, name: str, velocity: Tensor | None, settings: RefineSettings,
                     pull: _Guidance | None, steps: int, done: int, total: int, progress: Progress | None,
                     cancel: Cancel | None) -> Tensor:
     """Adam on the control-grid velocity (stored in mm along the voxel axes); returns it in voxels of
@@ -474,8 +553,9 @@ def _optimise_level(level: _DeformableLevel, velocity: Tensor | None, settings: 
     if velocity is None:
         velocity = torch.zeros(1, 3, *level.control.shape, device=device)
     param = (resize_field(velocity, level.control.shape) * spacing).requires_grad_(True)
-    optimiser = _adam([param], settings.lr, steps)
-    name = f"deformable {float(level.grid.spacing.max()):.3g} mm"
+    # A velocity gradient is a mean over the level's voxels: about 1e-6 per mm of velocity per control point
+    # where the images disagree by a millimetre, so 1e-10 leaves real gradients alone and stills rounding noise.
+    optimiser = _Adam([param], settings.lr, steps, shared=True, eps=1e-10)
     for step in range(steps):
         _step(cancel)
         optimiser.zero_grad()
@@ -487,7 +567,6 @@ def _optimise_level(level: _DeformableLevel, velocity: Tensor | None, settings: 
             loss = loss + pull(disp, level.control)
         loss.backward()
         optimiser.step()
-        optimiser.decay()
         if progress is not None:
             progress(name, (done + step + 1) / total)
     return (param / spacing).detach()

@@ -47,7 +47,7 @@ class RefineSettings:
         20000, "Fixed voxels drawn (with `seed`) per affine level for the similarity; 0: every voxel",
         low=0, high=10**8)
     lncc_window: int = _knob(
-        5, "Local NCC window (voxels of each level, odd): the monomodal deformable similarity. The affine stage "
+        9, "Local NCC window (voxels of each level, odd): the monomodal deformable similarity. The affine stage "
         "uses global NCC (monomodal) or mutual information (multimodal)", low=3, high=21)
     multi_similarity: str = _knob(
         "mind", "Multimodal deformable similarity: 'mind' (MIND-SSC descriptor difference) or 'mi' (Parzen mutual "
@@ -56,7 +56,7 @@ class RefineSettings:
     mind_radius: int = _knob(1, "MIND-SSC patch radius (voxels of each level)", low=1, high=3)
     mind_dilation: int = _knob(2, "MIND-SSC neighbour distance (voxels of each level)", low=1, high=4)
     image_sigma: float = _knob(
-        1.0, "Gaussian σ (voxels of each level) smoothing both images before the deformable similarity: suppresses "
+        0.0, "Gaussian σ (voxels of each level) smoothing both images before the deformable similarity: suppresses "
         "noise, whose variance trilinear interpolation lowers off the voxel centres (a bias towards half-voxel "
         "shifts); 0: none", low=0.0, high=4.0)
     levels_mm: tuple[float, ...] = _knob(
@@ -65,12 +65,13 @@ class RefineSettings:
     iterations: tuple[int, ...] = _knob(
         (60, 15), "Adam steps of the deformable stage per level", low=0, high=10000)
     lr: float = _knob(0.5, "Adam step of the velocity in mm", low=1e-3, high=10.0)
-    control_factor: int = _knob(
-        2, "Control grid of the velocity: this many times coarser than each level's image grid", low=1, high=4)
+    control_mm: tuple[float, ...] = _knob(
+        (8.0, 8.0), "Voxel size (mm) of the velocity's control grid at each deformable level (not finer than the "
+        "level): the velocity is integrated there and its displacement upsampled trilinearly", low=0.5, high=32.0)
     regulariser: str = _knob(
         "diffusion", "Penalty on the velocity: 'diffusion' (mean squared first derivatives) or 'bending' (mean "
         "squared second derivatives, per mm)", choices=REGULARISERS)
-    regulariser_weight: float = _knob(1.0, "Weight of the penalty (dimensionless, derivatives per mm)",
+    regulariser_weight: float = _knob(3.0, "Weight of the penalty (dimensionless, derivatives per mm)",
                                       low=0.0, high=1e4)
     int_steps: int = _knob(
         5, "Scaling-and-squaring steps: exp(v) on the working grid (the caller integrates the result with these); "
@@ -85,7 +86,7 @@ class RefineSettings:
         for f in fields(self):
             _check_field(f.name, getattr(self, f.name), f.default, f.metadata)
         for levels, counts in (("affine_levels_mm", "rigid_iterations"), ("affine_levels_mm", "affine_iterations"),
-                               ("levels_mm", "iterations")):
+                               ("levels_mm", "iterations"), ("levels_mm", "control_mm")):
             if len(getattr(self, levels)) != len(getattr(self, counts)):
                 raise InputError(f"refinement setting {counts!r} needs one value per level of {levels!r} "
                                  f"({len(getattr(self, levels))}), got {getattr(self, counts)}")
@@ -119,7 +120,7 @@ PRESETS: dict[str, RefineSettings | None] = {
     "fast": None,
     "balanced": RefineSettings(),
     "accurate": RefineSettings(rigid_iterations=(100, 40), affine_iterations=(60, 40), levels_mm=(6.0, 4.0, 2.0),
-                               iterations=(80, 80, 40), control_factor=1),
+                               iterations=(80, 80, 40), control_mm=(6.0, 4.0, 4.0)),
 }
 """Named settings: "fast" is the network alone (no refinement), "balanced" the default, "accurate" slower."""
 

@@ -43,7 +43,7 @@ COMPARISON_COLUMNS = (("Run", None), ("Moving", None), ("Fixed", None), ("Method
                       ("Time", "s"))
 """(name, unit; None for text) of the comparison table: Run is the transform node's name, Model the weights file
 ("shipped" for the method's shipped model); Dice, HD95 and TRE are the means after registration, NaN when the run
-had no segmentations or landmarks; Preset is "—" where the options have no preset."""
+had no segmentations or landmarks; Preset is "—" where the result records no run options."""
 COMPARE_MODES = ("overlay", "checkerboard", "difference", "flicker")
 """Views of the fixed volume against the warped one (`show_comparison`)."""
 RESIDUAL_COLORS = {"improved": (0.1, 0.8, 0.2), "worse": (0.95, 0.2, 0.1)}
@@ -566,7 +566,7 @@ def comparison_row(result, run: str, moving: str, fixed: str, landmark_report: d
     """The comparison-table values of one registration (`COMPARISON_COLUMNS`), by column name."""
     metrics = result.metrics
     run_info = metrics.run
-    preset = getattr(run_info.options, "preset", None) if run_info is not None else None
+    preset = run_info.options.preset if run_info is not None else None
     labels, marks = metrics.labels, metrics.landmarks
     nan = float("nan")
     weights = run_info.options.weights if run_info is not None else None

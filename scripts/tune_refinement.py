@@ -1,0 +1,226 @@
+"""Tune `DeepRegistrationLib.engine.refine` on TRAINING pairs only (docs/REFINEMENT.md).
+
+The pairs are built by the benchmark suite's own generator (`benchmark.suite.materialise`) with seeds
+9001+ that the suite (seeds 101–612) does not use, from ICBM152 and fsaverage only (Colin27 is held out, and the
+cross-subject ICBM152 ↔ fsaverage pair is a benchmark pair, so no cross-subject pair is used):
+known warps with an affine part (6–10 mm), multimodal T1–CT and T1–T2 known warps, and large misalignments
+(a known warp whose moving image is moved by a rigid 20–40 mm / 10–20° transform, by changing its grid only).
+
+Each (pair, configuration) runs `optimise_affine` then `optimise_svf` from the identity, as `engine.register` would
+without a network; the velocity is integrated on the working grid with `int_steps` (as the caller does), composed
+with the affine and scored on the fixed grid: mean Dice of the warped moving labels, % det J ≤ 0 and SDlogJ in the
+fixed brain mask, refinement seconds (2 threads by default). Results go to `<out>/results.jsonl` (appended) and a
+markdown table is printed.
+
+    PYTHONPATH=DeepRegistration:. python scripts/tune_refinement.py --anatomy data/anatomy \
+        --configs balanced accurate --pairs all
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from DeepRegistrationLib.core import metrics as M
+from DeepRegistrationLib.core.field import DisplacementField, apply_field
+from DeepRegistrationLib.core.geometry import Grid
+from DeepRegistrationLib.core.image import Image
+from DeepRegistrationLib.core.resample import index_map, normalize_intensity, resample_image
+from DeepRegistrationLib.core.warp import integrate_velocity
+from DeepRegistrationLib.engine import refine
+from DeepRegistrationLib.engine.refine_settings import PRESETS, RefineSettings
+
+from benchmark import suite
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PAIRS = {
+    "kw_icbm_9001": dict(kind="known_warp", subject="icbm152_2009a", label_set="tissue", seed=9001,
+                         magnitude_mm=8.0, affine=True, boundary_landmarks=4),
+    "kw_icbm_9002": dict(kind="known_warp", subject="icbm152_2009a", label_set="tissue", seed=9002,
+                         magnitude_mm=10.0, affine=True, boundary_landmarks=4),
+    "kw_fsav_9003": dict(kind="known_warp", subject="fsaverage", label_set="subcortical", seed=9003,
+                         magnitude_mm=6.0, affine=True, boundary_landmarks=4),
+    "kw_fsav_9004": dict(kind="known_warp", subject="fsaverage", label_set="subcortical", seed=9004,
+                         magnitude_mm=10.0, affine=True, boundary_landmarks=4),
+    "mm_ct_9101": dict(kind="multimodal", subject="icbm152_2009a", label_set="tissue", seed=9101,
+                       magnitude_mm=8.0, affine=True, moving_contrast="ct", boundary_landmarks=4),
+    "mm_t2_9201": dict(kind="multimodal", subject="icbm152_2009a", label_set="tissue", seed=9201,
+                       magnitude_mm=8.0, affine=True, moving_contrast="t2", boundary_landmarks=4),
+    "mm_ct_9102": dict(kind="multimodal", subject="icbm152_2009a", label_set="tissue", seed=9102,
+                       magnitude_mm=6.0, affine=True, moving_contrast="ct", boundary_landmarks=4),
+    "mm_t2_9202": dict(kind="multimodal", subject="icbm152_2009a", label_set="tissue", seed=9202,
+                       magnitude_mm=6.0, affine=True, moving_contrast="t2", boundary_landmarks=4),
+}
+"""Training pairs: `suite.PairSpec` fields (seeds 9001+, never the suite's 101–612; no Colin27)."""
+
+MISALIGNED = {
+    "big_icbm_9301": ("kw_icbm_9001", (30.0, -20.0, 10.0), (15.0, 0.0, 5.0)),
+    "big_fsav_9302": ("kw_fsav_9003", (-25.0, 15.0, -20.0), (0.0, 12.0, -8.0)),
+    "big_ct_9303": ("mm_ct_9102", (20.0, 25.0, -10.0), (-10.0, 6.0, 10.0)),
+}
+"""Large misalignments: base pair, extra translation (mm) and rotation (degrees about x, y, z) of the moving image."""
+
+GROUPS = {"known_warp": ["kw_icbm_9001", "kw_icbm_9002", "kw_fsav_9003", "kw_fsav_9004"],
+          "multimodal": ["mm_ct_9101", "mm_t2_9201", "mm_ct_9102", "mm_t2_9202"],
+          "misaligned": list(MISALIGNED)}
+
+CONFIGS: dict[str, dict | None] = {
+    "balanced": {}, "accurate": None,
+    # the search of docs/REFINEMENT.md: overrides of the balanced preset
+    "draft": dict(image_sigma=1.0, lncc_window=5, regulariser_weight=1.0),
+    "s0_w9_r3": dict(image_sigma=0.0, lncc_window=9, regulariser_weight=3.0),
+    "s0_w9_r10": dict(image_sigma=0.0, lncc_window=9, regulariser_weight=10.0),
+    "s0_w7_r3": dict(image_sigma=0.0, lncc_window=7, regulariser_weight=3.0),
+    "s0_w9_r3_long": dict(image_sigma=0.0, lncc_window=9, regulariser_weight=3.0, iterations=(80, 30)),
+    "s0_w9_r3_c6": dict(image_sigma=0.0, lncc_window=9, regulariser_weight=3.0, control_mm=(6.0, 6.0)),
+    "s0_w9_r3_lr1": dict(image_sigma=0.0, lncc_window=9, regulariser_weight=3.0, lr=1.0),
+    # accurate candidates (balanced is s0_w9_r3 since this search)
+    "acc_42_fine": dict(iterations=(80, 40), control_mm=(8.0, 4.0)),
+    "acc_642": dict(levels_mm=(6.0, 4.0, 2.0), iterations=(60, 60, 30), control_mm=(8.0, 8.0, 4.0)),
+}
+"""Named configurations: overrides of `PRESETS["balanced"]` (None: the preset of that name). The search adds
+entries here; docs/REFINEMENT.md lists them with their results."""
+
+
+@dataclasses.dataclass
+class TuningPair:
+    name: str
+    fixed: Image
+    moving: Image
+    fixed_labels: Image
+    moving_labels: Image
+    brain: np.ndarray
+    multimodal: bool
+    moving_modality: str  # "mr" or "ct", for `normalize_intensity`
+    truth_affine: np.ndarray  # the extra rigid motion of the moving image (identity unless misaligned)
+
+
+def rigid(translation_mm, rotation_deg, centre) -> np.ndarray:
+    """RAS 4×4: rotation (x, then y, then z, degrees) about `centre`, then translation (mm)."""
+    ax, ay, az = np.deg2rad(rotation_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    out = np.eye(4)
+    out[:3, :3] = rz @ ry @ rx
+    out[:3, 3] = centre - out[:3, :3] @ centre + np.asarray(translation_mm)
+    return out
+
+
+def load(name: str, anatomy: Path, cache: Path) -> TuningPair:
+    manifest = suite.load_manifest()
+    if name in MISALIGNED:
+        base_name, translation, rotation = MISALIGNED[name]
+        base = load(base_name, anatomy, cache)
+        centre = base.moving.grid.voxel_to_world((np.array(base.moving.grid.shape) - 1) / 2)
+        g = rigid(translation, rotation, centre)
+        # The same arrays on a moved grid: the moving anatomy is moved by g (fixed point p ↦ g(φ(p))).
+        moved = Grid(base.moving.grid.shape, g @ base.moving.grid.affine)
+        return dataclasses.replace(base, name=name, moving=Image(base.moving.data, moved, "moving"),
+                                   moving_labels=Image(base.moving_labels.data, moved, "moving labels"),
+                                   truth_affine=g)
+    spec = suite.PairSpec(id=f"tune_{name}", **PAIRS[name])
+    directory = suite.materialise(manifest, spec, anatomy_dir=anatomy, cache_dir=cache)
+    pair = suite.load_pair(directory)
+    return TuningPair(name, pair.fixed, pair.moving, pair.fixed_labels, pair.moving_labels, pair.fixed_mask,
+                      spec.multimodal, spec.modalities[1], np.eye(4))
+
+
+def complete_field(velocity: torch.Tensor, grid: Grid, transform: np.ndarray, steps: int,
+                   target: Grid) -> DisplacementField:
+    """Field on `target` of p ↦ T(p + A_W·exp(v)(W⁻¹p)), exp by `steps` squarings on the working grid W."""
+    on_target = DisplacementField.from_voxels(integrate_velocity(velocity.cpu(), steps), grid).resampled(target)
+    rotated = torch.einsum("ij,bjxyz->bixyz", torch.from_numpy(transform[:3, :3]).float(), on_target.tensor())
+    d = index_map((transform - np.eye(4)) @ target.affine, target) + rotated
+    return DisplacementField(d[0].permute(1, 2, 3, 0).contiguous().numpy(), target)
+
+
+def run(pair: TuningPair, settings: RefineSettings) -> dict:
+    # As the engine does: both images to [0, 1] (the CT-like moving images are in HU).
+    fixed = normalize_intensity(pair.fixed.data, "mr", pair.fixed.source)
+    moving = normalize_intensity(pair.moving.data, pair.moving_modality, pair.moving.source)
+    start = time.perf_counter()
+    transform = refine.optimise_affine(fixed, pair.fixed.grid, moving, pair.moving.grid, settings,
+                                       multimodal=pair.multimodal)
+    affine_s = time.perf_counter() - start
+    grid = refine.level_grid(pair.fixed.grid, settings.levels_mm[-1])
+    velocity = refine.optimise_svf(fixed, pair.fixed.grid, moving, pair.moving.grid, transform, settings,
+                                   multimodal=pair.multimodal, grid=grid)
+    seconds = time.perf_counter() - start
+    field = complete_field(velocity, grid, transform, settings.int_steps, pair.fixed.grid)
+    warped = apply_field(pair.moving_labels, field, order=0).data
+    labels = sorted(int(v) for v in np.unique(pair.fixed_labels.data) if v)
+    det = field.jacobian_determinant()
+    stats = M.jacobian_stats(det, pair.brain)
+    brain_points = pair.fixed.grid.world_coordinates()[pair.brain]
+    affine_error = np.linalg.norm(brain_points @ (transform - pair.truth_affine)[:3, :3].T
+                                  + (transform - pair.truth_affine)[:3, 3], axis=1)
+    return {"dice": M.mean_dice(pair.fixed_labels.data, warped, labels),
+            "dice_identity": M.mean_dice(pair.fixed_labels.data,
+                                         resample_image(pair.moving_labels, pair.fixed.grid, order=0).data, labels),
+            "folding_pct": stats["percent_nonpositive_mask"], "sdlogj": M.sdlogj(det, pair.brain),
+            "seconds": seconds, "affine_seconds": affine_s,
+            "affine_error_mm": float(np.mean(affine_error)) if pair.name in MISALIGNED else None}
+
+
+def settings_of(name: str) -> RefineSettings:
+    overrides = CONFIGS[name]
+    if overrides is None:
+        return PRESETS[name]
+    return dataclasses.replace(PRESETS["balanced"], **overrides)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--anatomy", type=Path, default=ROOT / "data" / "anatomy")
+    parser.add_argument("--cache", type=Path, default=ROOT / "output" / "tuning" / "pairs")
+    parser.add_argument("--out", type=Path, default=ROOT / "output" / "tuning")
+    parser.add_argument("--configs", nargs="+", default=["balanced"], choices=list(CONFIGS))
+    parser.add_argument("--pairs", nargs="+", default=["all"],
+                        help="pair names, group names (" + ", ".join(GROUPS) + ") or 'all'")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    names = []
+    for item in args.pairs:
+        members = sum(GROUPS.values(), []) if item == "all" else GROUPS.get(item, [item])
+        names += [n for n in members if n not in names]
+    args.out.mkdir(parents=True, exist_ok=True)
+    pairs = {n: load(n, args.anatomy, args.cache) for n in names}
+    rows = []
+    for config in args.configs:
+        settings = settings_of(config)
+        for name, pair in pairs.items():
+            row = {"config": config, "pair": name, **run(pair, settings), "threads": args.threads,
+                   "settings": dataclasses.asdict(settings)}
+            rows.append(row)
+            with open(args.out / "results.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{config:<14} {name:<14} dice {row['dice']:.4f} (identity {row['dice_identity']:.4f}) "
+                  f"fold {row['folding_pct']:.3f}% sdlogj {row['sdlogj']:.3f} {row['seconds']:.1f}s "
+                  f"(affine {row['affine_seconds']:.1f}s)"
+                  + (f" affine error {row['affine_error_mm']:.2f} mm" if row["affine_error_mm"] is not None else ""),
+                  flush=True)
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n| config | pairs | Dice | % det J ≤ 0 | SDlogJ | seconds |\n|---|---|---|---|---|---|")
+    for config in dict.fromkeys(r["config"] for r in rows):
+        for group, members in GROUPS.items():
+            chosen = [r for r in rows if r["config"] == config and r["pair"] in members]
+            if chosen:
+                mean = lambda k: np.mean([r[k] for r in chosen])  # noqa: E731
+                print(f"| {config} | {group} ({len(chosen)}) | {mean('dice'):.4f} | {mean('folding_pct'):.3f} | "
+                      f"{mean('sdlogj'):.3f} | {mean('seconds'):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
