@@ -292,6 +292,8 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._parameterWidgets = {}
+        self._refinementWidgets = {}  # setting name: (editor, preset value)
+        self._refinementPreset = None  # the preset whose settings the refinement section shows
         self._job = None  # the JobProcess of the running registration
         self._backend = None  # its QProcessBackend
         self._prepared = None
@@ -326,6 +328,8 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.weightsBrowseButton.connect("clicked(bool)", self.onBrowseWeights)
         self.ui.weightsLineEdit.connect("editingFinished()", self.onWeightsChanged)
         self.ui.parametersCollapsibleButton.connect("contentsCollapsed(bool)", self.onParametersCollapsed)
+        self.ui.refinementCollapsibleButton.connect("contentsCollapsed(bool)", self.onRefinementCollapsed)
+        self.ui.resetRefinementButton.connect("clicked(bool)", self.onResetRefinement)
         for mode, button in (("overlay", self.ui.overlayButton), ("checkerboard", self.ui.checkerboardButton),
                              ("difference", self.ui.differenceButton), ("flicker", self.ui.flickerButton)):
             button.connect("clicked(bool)", lambda checked=False, mode=mode: self.onCompare(mode))
@@ -404,6 +408,8 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo = self.ui.deviceComboBox
         if self._parameterNode and combo.currentData != self._parameterNode.device:
             self.fillDevices()
+        if self._parameterNode and self._refinementPreset != self._parameterNode.preset:
+            self.updateRefinementPanel()
         self._checkCanApply()
 
     # ------------------------------------------------------------------------------------------- inputs
@@ -596,30 +602,85 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for f in fields(base):
             meta = f.metadata
             value, default = getattr(current, f.name), getattr(base, f.name)
-            editor = self._editorFor(value, meta)
+            editor = self._editorFor(value, meta, self.onParameterEdited)
             source = _("from the paper") if meta.get("paper", True) else _("our choice where the paper is silent")
             editor.toolTip = f"{meta.get('help', '')}\n{_('Model value')}: {default} ({source})"
             label = f.name.replace("_", " ")
             layout.addRow(label + ("" if meta.get("paper", True) else " *"), editor)
             self._parameterWidgets[f.name] = (editor, default)
 
-    def _editorFor(self, value, meta):
+    def onRefinementCollapsed(self, collapsed: bool) -> None:
+        if not collapsed:
+            self.updateRefinementPanel()
+
+    def updateRefinementPanel(self) -> None:
+        """One editor per refinement setting of the chosen preset (unit, range and choices from its declaration in
+        `engine/refine_settings.py`, which needs no PyTorch), built when the section is open."""
+        layout = self.ui.refinementWidget.layout()
+        while layout.rowCount():
+            layout.removeRow(0)
+        self._refinementWidgets, self._refinementPreset = {}, None
+        if self.ui.refinementCollapsibleButton.collapsed or not self._parameterNode:
+            return
+        from dataclasses import fields
+
+        from DeepRegistrationLib.core.errors import InputError
+        from DeepRegistrationLib.engine.refine_settings import preset_settings
+
+        p = self._parameterNode
+        self._refinementPreset = p.preset
+        if p.preset == "fast":
+            label = qt.QLabel(_("Preset fast runs the network alone: there is no refinement to set."))
+            label.wordWrap = True
+            layout.addRow(label)
+            return
+        base = preset_settings(p.preset)
+        try:
+            current = preset_settings(p.preset, self.refinementOverrides())
+        except InputError as exc:  # an edit that no longer fits (e.g. levels and steps of different lengths)
+            current = base
+            self.report(_("Refinement settings: {error}").format(error=exc))
+        for f in fields(base):
+            value, default = getattr(current, f.name), getattr(base, f.name)
+            editor = self._editorFor(value, f.metadata, self.onRefinementEdited)
+            editor.toolTip = f"{f.metadata['help']}\n{_('Preset value')}: {default}"
+            layout.addRow(f.name.replace("_", " "), editor)
+            self._refinementWidgets[f.name] = (editor, default)
+
+    def onRefinementEdited(self, *args) -> None:
+        """Store the settings that differ from the preset's as the refinement overrides."""
+        values = {}
+        for name, (editor, default) in self._refinementWidgets.items():
+            try:
+                value = self._editorValue(editor, default)
+            except ValueError:
+                continue
+            if _differs(value, default):
+                values[name] = value
+        self._parameterNode.refinement = json.dumps(values)
+
+    def onResetRefinement(self) -> None:
+        self._parameterNode.refinement = "{}"
+        self.updateRefinementPanel()
+
+    def _editorFor(self, value, meta, edited):
+        """An editor of `value` (range, choices from the field's `meta`) that calls `edited` when changed."""
         low, high, choices = meta.get("low"), meta.get("high"), meta.get("choices")
         if choices:
             editor = qt.QComboBox()
             for choice in choices:
                 editor.addItem(str(choice), choice)
             editor.setCurrentIndex(max(editor.findData(value), 0))
-            editor.connect("currentIndexChanged(int)", self.onParameterEdited)
+            editor.connect("currentIndexChanged(int)", edited)
         elif isinstance(value, bool):
             editor = qt.QCheckBox()
             editor.checked = value
-            editor.connect("toggled(bool)", self.onParameterEdited)
+            editor.connect("toggled(bool)", edited)
         elif isinstance(value, int):
             editor = qt.QSpinBox()
             editor.setRange(int(low) if low is not None else -10**6, int(high) if high is not None else 10**6)
             editor.value = value
-            editor.connect("valueChanged(int)", self.onParameterEdited)
+            editor.connect("valueChanged(int)", edited)
         elif isinstance(value, float):
             editor = qt.QDoubleSpinBox()
             editor.decimals = 4
@@ -627,10 +688,10 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             editor.singleStep = (editor.maximum - editor.minimum) / 100 if low is not None and high is not None \
                 else 0.1
             editor.value = value
-            editor.connect("valueChanged(double)", self.onParameterEdited)
+            editor.connect("valueChanged(double)", edited)
         else:
             editor = qt.QLineEdit(", ".join(str(v) for v in value) if isinstance(value, (tuple, list)) else str(value))
-            editor.connect("editingFinished()", self.onParameterEdited)
+            editor.connect("editingFinished()", edited)
         return editor
 
     def _editorValue(self, editor, default):
@@ -817,8 +878,19 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         values = {f.name: getattr(p, _camel(f.name)) for f in fields(RegistrationOptions)
                   if f.name not in ("parameters", "refinement", "weights")}
-        return RegistrationOptions(parameters=self.methodOverrides(), refinement=json.loads(p.refinement or "{}"),
+        return RegistrationOptions(parameters=self.methodOverrides(), refinement=self.refinementOverrides(),
                                    weights=p.weights or None, **values)
+
+    def refinementOverrides(self) -> dict:
+        """The edited refinement settings ({setting: value}); none with preset fast, which has no refinement (the
+        edits are kept for when a refining preset is chosen again)."""
+        if self._parameterNode.preset == "fast":
+            return {}
+        try:
+            value = json.loads(self._parameterNode.refinement or "{}")
+            return value if isinstance(value, dict) else {}
+        except json.JSONDecodeError:
+            return {}
 
     def onRefineButton(self) -> None:
         """Run the last registration again with the guidance points pulling the warp where it is wrong, into the

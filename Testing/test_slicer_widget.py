@@ -569,3 +569,34 @@ def test_refine_with_guidance_points_updates_the_last_run_in_place(harness, tiny
     after = np.linalg.norm(np.array(transform.GetTransformFromParent().TransformPoint(*target_fixed)) - target_moving)
     assert after < before - 1.0, (before, after)
     assert refined.comparison.GetTable().GetNumberOfRows() == rows + 1
+
+
+def test_refinement_settings_panel_edits_the_presets_knobs(harness):
+    """The refinement section lists every knob of the chosen preset (engine/refine_settings.py, no PyTorch needed);
+    an edit becomes a refinement override of the options, preset fast takes none, Reset forgets the edits."""
+    from dataclasses import fields
+
+    from DeepRegistrationLib.engine.refine_settings import PRESETS, RefineSettings
+
+    widget = harness.openModule()
+    ui, p = widget.ui, widget._parameterNode
+    ui.refinementCollapsibleButton.collapsed = False
+
+    def editors() -> dict:
+        return {label.text if label else "": editor for label, editor in ui.refinementWidget.layout().rowWidgets()}
+
+    assert set(editors()) == {f.name.replace("_", " ") for f in fields(RefineSettings)}
+    assert editors()["iterations"].text == ", ".join(str(n) for n in PRESETS["balanced"].iterations)
+    editors()["iterations"].text = "30, 10"
+    editors()["iterations"].finishEditing()
+    editors()["regulariser weight"].value = 5.0
+    assert widget.options().refinement == {"iterations": [30, 10], "regulariser_weight": 5.0}
+    ui.presetComboBox.setCurrentIndex(ui.presetComboBox.findText("accurate"))
+    assert editors()["levels mm"].text == ", ".join(str(v) for v in PRESETS["accurate"].levels_mm)
+    ui.presetComboBox.setCurrentIndex(ui.presetComboBox.findText("fast"))
+    assert widget.options().refinement == {} and len(editors()) == 1, "fast: no refinement, one explaining line"
+    ui.presetComboBox.setCurrentIndex(ui.presetComboBox.findText("balanced"))
+    assert editors()["iterations"].text == "30, 10", "the edits come back with a refining preset"
+    ui.resetRefinementButton.click()
+    assert p.refinement == "{}" and widget.options().refinement == {}
+    assert editors()["iterations"].text == ", ".join(str(n) for n in PRESETS["balanced"].iterations)

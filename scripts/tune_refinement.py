@@ -81,6 +81,10 @@ CONFIGS: dict[str, dict | None] = {
     "s0_w9_r3_long": dict(image_sigma=0.0, lncc_window=9, regulariser_weight=3.0, iterations=(80, 30)),
     "s0_w9_r3_c6": dict(image_sigma=0.0, lncc_window=9, regulariser_weight=3.0, control_mm=(6.0, 6.0)),
     "s0_w9_r3_lr1": dict(image_sigma=0.0, lncc_window=9, regulariser_weight=3.0, lr=1.0),
+    "lr025": dict(lr=0.25),
+    "bending": dict(regulariser="bending", regulariser_weight=30.0),
+    "long": dict(iterations=(120, 30)),
+    "fine2": dict(iterations=(60, 40), control_mm=(8.0, 4.0), regulariser_weight=5.0),
     # accurate candidates (balanced is s0_w9_r3 since this search)
     "acc_42_fine": dict(iterations=(80, 40), control_mm=(8.0, 4.0)),
     "acc_642": dict(levels_mm=(6.0, 4.0, 2.0), iterations=(60, 60, 30), control_mm=(8.0, 8.0, 4.0)),

@@ -12,9 +12,10 @@ included); masks lie on their image's grid, nonzero inside. Both functions repor
 `progress(stage, fraction)` (fraction of the function's steps done, 0..1) and call `cancel()` before every step,
 raising `errors.Cancelled` when it returns True.
 
-Speed (docs/REFINEMENT.md): the velocity lives on a control grid `control_factor` times coarser than each level's
-image grid and is integrated there; its displacement is upsampled trilinearly to the level grid, where the moving
-image (or its MIND-SSC descriptor) is warped and compared with the fixed image's precomputed statistics.
+Speed (docs/REFINEMENT.md): the velocity lives on a control grid of `control_mm` per level (never finer than the
+level) and is integrated there; its displacement is upsampled trilinearly to the level grid, where the moving
+image (or its MIND-SSC descriptor) is warped and compared with the fixed image's precomputed statistics inside the
+box around the fixed foreground only.
 """
 
 from __future__ import annotations
