@@ -71,23 +71,32 @@ GROUPS = {"known_warp": ["kw_icbm_9001", "kw_icbm_9002", "kw_fsav_9003", "kw_fsa
           "multimodal": ["mm_ct_9101", "mm_t2_9201", "mm_ct_9102", "mm_t2_9202"],
           "misaligned": list(MISALIGNED)}
 
+ROUND1 = dict(image_sigma=0.0, lncc_window=9, regulariser_weight=3.0, iterations=(60, 15), lr=0.5,
+              control_mm=(8.0, 8.0), levels_mm=(4.0, 2.0), regulariser="diffusion")
+"""The first search's base (the winner of its round, s0_w9_r3); every configuration below states its values."""
+
 CONFIGS: dict[str, dict | None] = {
     "balanced": {}, "accurate": None,
-    # the search of docs/REFINEMENT.md: overrides of the balanced preset
-    "draft": dict(image_sigma=1.0, lncc_window=5, regulariser_weight=1.0),
-    "s0_w9_r3": dict(image_sigma=0.0, lncc_window=9, regulariser_weight=3.0),
-    "s0_w9_r10": dict(image_sigma=0.0, lncc_window=9, regulariser_weight=10.0),
-    "s0_w7_r3": dict(image_sigma=0.0, lncc_window=7, regulariser_weight=3.0),
-    "s0_w9_r3_long": dict(image_sigma=0.0, lncc_window=9, regulariser_weight=3.0, iterations=(80, 30)),
-    "s0_w9_r3_c6": dict(image_sigma=0.0, lncc_window=9, regulariser_weight=3.0, control_mm=(6.0, 6.0)),
-    "s0_w9_r3_lr1": dict(image_sigma=0.0, lncc_window=9, regulariser_weight=3.0, lr=1.0),
-    "lr025": dict(lr=0.25),
-    "bending": dict(regulariser="bending", regulariser_weight=30.0),
-    "long": dict(iterations=(120, 30)),
-    "fine2": dict(iterations=(60, 40), control_mm=(8.0, 4.0), regulariser_weight=5.0),
-    # accurate candidates (balanced is s0_w9_r3 since this search)
-    "acc_42_fine": dict(iterations=(80, 40), control_mm=(8.0, 4.0)),
-    "acc_642": dict(levels_mm=(6.0, 4.0, 2.0), iterations=(60, 60, 30), control_mm=(8.0, 8.0, 4.0)),
+    # The search of docs/REFINEMENT.md, each configuration complete (not relative to today's balanced):
+    # round 1, steps (60, 15) at lr 0.5: image smoothing, NCC window, penalty, control grid, learning rate
+    "draft": dict(ROUND1, image_sigma=1.0, lncc_window=5, regulariser_weight=1.0),
+    "s0_w9_r3": dict(ROUND1),
+    "s0_w9_r10": dict(ROUND1, regulariser_weight=10.0),
+    "s0_w7_r3": dict(ROUND1, lncc_window=7),
+    "s0_w9_r3_c6": dict(ROUND1, control_mm=(6.0, 6.0)),
+    "s0_w9_r3_lr1": dict(ROUND1, lr=1.0),
+    # round 2, from s0_w9_r3: learning rate, steps, penalty, a finer last control grid
+    "lr025": dict(ROUND1, lr=0.25),
+    "long": dict(ROUND1, iterations=(120, 30)),
+    "bending": dict(ROUND1, regulariser="bending", regulariser_weight=30.0),
+    "fine2": dict(ROUND1, iterations=(60, 40), control_mm=(8.0, 4.0), regulariser_weight=5.0),
+    "acc_42_fine": dict(ROUND1, iterations=(80, 40), control_mm=(8.0, 4.0)),
+    "acc_642": dict(ROUND1, levels_mm=(6.0, 4.0, 2.0), iterations=(60, 60, 30), control_mm=(8.0, 8.0, 4.0)),
+    # round 3, for time: fewer steps at the smaller learning rate; the 4 mm level alone
+    "it40_10_lr035": dict(ROUND1, iterations=(40, 10), lr=0.35),
+    "it40_10_lr025": dict(ROUND1, iterations=(40, 10), lr=0.25),  # today's balanced
+    "it60_15_lr025": dict(ROUND1, iterations=(60, 15), lr=0.25),
+    "only4": dict(ROUND1, levels_mm=(4.0,), iterations=(60,), control_mm=(8.0,), lr=0.25),
 }
 """Named configurations: overrides of `PRESETS["balanced"]` (None: the preset of that name). The search adds
 entries here; docs/REFINEMENT.md lists them with their results."""
