@@ -649,15 +649,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onRefinementEdited(self, *args) -> None:
         """Store the settings that differ from the preset's as the refinement overrides."""
-        values = {}
-        for name, (editor, default) in self._refinementWidgets.items():
-            try:
-                value = self._editorValue(editor, default)
-            except ValueError:
-                continue
-            if _differs(value, default):
-                values[name] = value
-        self._parameterNode.refinement = json.dumps(values)
+        self._parameterNode.refinement = json.dumps(self._editedValues(self._refinementWidgets))
 
     def onResetRefinement(self) -> None:
         self._parameterNode.refinement = "{}"
@@ -706,18 +698,23 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return [type(default[0])(v) for v in text.replace(" ", "").split(",") if v]
         return text
 
-    def onParameterEdited(self, *args) -> None:
-        """Store the fields that differ from the model's values as this method's overrides."""
+    def _editedValues(self, widgets: dict) -> dict:
+        """{name: value} of the editors in `widgets` ({name: (editor, default)}) whose value differs from the
+        default; an editor whose text does not parse is left out."""
         values = {}
-        for name, (editor, default) in self._parameterWidgets.items():
+        for name, (editor, default) in widgets.items():
             try:
                 value = self._editorValue(editor, default)
             except ValueError:
                 continue
             if _differs(value, default):
                 values[name] = value
+        return values
+
+    def onParameterEdited(self, *args) -> None:
+        """Store the fields that differ from the model's values as this method's overrides."""
         overrides = self._overrides()
-        overrides[self._parameterNode.method] = values
+        overrides[self._parameterNode.method] = self._editedValues(self._parameterWidgets)
         self._parameterNode.methodParameters = json.dumps(overrides)
 
     def onResetParameters(self) -> None:
