@@ -11,7 +11,7 @@ import torch
 
 from conftest import ellipsoid_labels, phantom_image, smooth_field
 from DeepRegistrationLib.core import warp
-from DeepRegistrationLib.core.errors import Cancelled, InputError
+from DeepRegistrationLib.core.errors import Cancelled, InputError, RegistrationWarning
 from DeepRegistrationLib.core.geometry import Grid
 from DeepRegistrationLib.core.resample import resample_array
 from DeepRegistrationLib.engine import refine, refine_settings
@@ -155,6 +155,26 @@ def test_svf_multimodal_mind_and_initial_velocity():
     before = epe(torch.zeros(1, 3, *SHAPE))
     assert epe(plain) < 0.92 * before
     assert epe(seeded) <= epe(plain) + 0.01
+
+
+def test_a_start_worse_than_the_identity_is_dropped_with_a_warning():
+    """A network's field that points the wrong way (three times the true velocity, negated) scores worse than the
+    identity: the refinement warns and starts from the identity, as without a network."""
+    import warnings
+
+    g = grid()
+    fixed, moving, _ = svf_pair()
+    settings = dataclasses.replace(SVF, iterations=(10, 5))
+    wrong = -3.0 * smooth_field(SHAPE, 3.0, 0)
+    with pytest.warns(RegistrationWarning, match="starts from the identity"):
+        seeded = refine.optimise_svf(fixed, g, moving, g, np.eye(4), settings, multimodal=False, grid=g,
+                                     initial_velocity=wrong)
+    plain = refine.optimise_svf(fixed, g, moving, g, np.eye(4), settings, multimodal=False, grid=g)
+    assert torch.equal(seeded, plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RegistrationWarning)  # the true velocity is kept, silently
+        refine.optimise_svf(fixed, g, moving, g, np.eye(4), settings, multimodal=False, grid=g,
+                            initial_velocity=smooth_field(SHAPE, 3.0, 0))
 
 
 def test_svf_follows_the_affine_and_guidance_pulls_the_point():

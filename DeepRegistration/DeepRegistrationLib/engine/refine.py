@@ -21,6 +21,7 @@ box around the fixed foreground only.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor
 
-from ..core.errors import Cancelled, InputError
+from ..core.errors import Cancelled, InputError, RegistrationWarning
 from ..core.geometry import Grid
 from ..core.losses import bending_energy, gradient_loss
 from ..core.mind import mind_ssc
@@ -468,8 +469,9 @@ def _deformable_level(fixed: np.ndarray, fixed_grid: Grid, moving: np.ndarray, m
         compare = _MutualInformation(f[region], settings.mi_bins)
     else:
         compare = _LocalNCC(f[region].contiguous(), settings.lncc_window)
-    return _DeformableLevel(level, control, crop, _crop_index(crop, device), m, compare, None if fixed_weight is None else fixed_weight[region],
-                            moving_weight, int_steps, bool(hit.any()))
+    fixed_weight = None if fixed_weight is None else fixed_weight[region]
+    return _DeformableLevel(level, control, crop, _crop_index(crop, device), m, compare, fixed_weight, moving_weight,
+                            int_steps, bool(hit.any()))
 
 
 class _Guidance:
@@ -533,15 +535,43 @@ def optimise_svf(fixed: np.ndarray, fixed_grid: Grid, moving: np.ndarray, moving
     total, done = max(1, sum(settings.iterations)), 0
     for spacing, control_mm, steps in zip(spacings, settings.control_mm, settings.iterations):
         halvings = int(round(math.log2(spacing / spacings[-1])))
-        level = _deformable_level(fixed, fixed_grid, moving, moving_grid, affine_ras, spacing, control_mm, grid, settings,
-                                  multimodal, fixed_mask, moving_mask, max(1, settings.int_steps - halvings), device)
+        level = _deformable_level(fixed, fixed_grid, moving, moving_grid, affine_ras, spacing, control_mm, grid,
+                                  settings, multimodal, fixed_mask, moving_mask,
+                                  max(1, settings.int_steps - halvings), device)
         if done == 0 and not level.overlaps:
             raise InputError("through the pre-alignment no fixed foreground voxel sees moving foreground: the images "
                              "(or their masks) do not overlap; check the affine and the masks")
+        if done == 0 and velocity is not None:
+            velocity = _better_start(level, velocity)
         velocity = _optimise_level(level, f"deformable {spacing:g} mm", velocity, settings, pull, steps, done, total,
                                    progress, cancel)
         done += steps
     return resize_field(velocity, grid.shape)
+
+
+def _objective(level: _DeformableLevel, velocity: Tensor, settings: RefineSettings, pull: _Guidance | None) -> Tensor:
+    """The loss of `velocity` (voxels of `level.control`): similarity + weight·penalty (+ guidance)."""
+    disp = integrate_velocity(velocity, level.int_steps)
+    loss = level.similarity(resize_field(disp, level.grid.shape))
+    loss = loss + settings.regulariser_weight * _penalty(velocity, level.control.spacing, settings.regulariser)
+    return loss if pull is None else loss + pull(disp, level.control)
+
+
+def _better_start(level: _DeformableLevel, velocity: Tensor) -> Tensor | None:
+    """`velocity` (a network's, voxels of any grid over the level's field of view), or None (the identity) with a
+    RegistrationWarning when the images match worse through it than without it on the first level: a network
+    outside what it was trained for can start the refinement in a basin it does not leave. The similarity alone
+    decides (a penalty would always favour the identity)."""
+    with torch.no_grad():
+        disp = integrate_velocity(resize_field(velocity, level.control.shape), level.int_steps)
+        seeded = float(level.similarity(resize_field(disp, level.grid.shape)))
+        identity = float(level.similarity(torch.zeros(1, 3, *level.grid.shape, device=disp.device)))
+    if identity <= seeded:
+        warnings.warn(RegistrationWarning(
+            f"the images match worse through the network's field than without it (similarity loss {seeded:.4f} vs "
+            f"{identity:.4f}); the refinement starts from the identity instead"), stacklevel=3)
+        return None
+    return velocity
 
 
 def _optimise_level(level: _DeformableLevel, name: str, velocity: Tensor | None, settings: RefineSettings,
@@ -560,12 +590,7 @@ def _optimise_level(level: _DeformableLevel, name: str, velocity: Tensor | None,
     for step in range(steps):
         _step(cancel)
         optimiser.zero_grad()
-        v = param / spacing
-        disp = integrate_velocity(v, level.int_steps)
-        loss = level.similarity(resize_field(disp, level.grid.shape))
-        loss = loss + settings.regulariser_weight * _penalty(v, level.control.spacing, settings.regulariser)
-        if pull is not None:
-            loss = loss + pull(disp, level.control)
+        loss = _objective(level, param / spacing, settings, pull)
         loss.backward()
         optimiser.step()
         if progress is not None:
