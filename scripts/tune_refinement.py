@@ -94,9 +94,22 @@ CONFIGS: dict[str, dict | None] = {
     "acc_642": dict(ROUND1, levels_mm=(6.0, 4.0, 2.0), iterations=(60, 60, 30), control_mm=(8.0, 8.0, 4.0)),
     # round 3, for time: fewer steps at the smaller learning rate; the 4 mm level alone
     "it40_10_lr035": dict(ROUND1, iterations=(40, 10), lr=0.35),
-    "it40_10_lr025": dict(ROUND1, iterations=(40, 10), lr=0.25),  # today's balanced
+    "it40_10_lr025": dict(ROUND1, iterations=(40, 10), lr=0.25),
     "it60_15_lr025": dict(ROUND1, iterations=(60, 15), lr=0.25),
     "only4": dict(ROUND1, levels_mm=(4.0,), iterations=(60,), control_mm=(8.0,), lr=0.25),
+    # round 4, from round 3's 40 + 10 steps at lr 0.25: penalty, window, control grid
+    "r1": dict(ROUND1, iterations=(40, 10), lr=0.25, regulariser_weight=1.0),
+    "r03": dict(ROUND1, iterations=(40, 10), lr=0.25, regulariser_weight=0.3),
+    "w5": dict(ROUND1, iterations=(40, 10), lr=0.25, lncc_window=5),
+    "r1_c4": dict(ROUND1, iterations=(40, 10), lr=0.25, regulariser_weight=1.0, control_mm=(8.0, 4.0)),
+    "c12": dict(ROUND1, iterations=(40, 10), lr=0.25, control_mm=(12.0, 12.0)),  # today's balanced
+    "c12_8": dict(ROUND1, iterations=(40, 10), lr=0.25, control_mm=(12.0, 8.0)),
+    "c12_r1": dict(ROUND1, iterations=(40, 10), lr=0.25, control_mm=(12.0, 12.0), regulariser_weight=1.0),
+    "c16": dict(ROUND1, iterations=(40, 10), lr=0.25, control_mm=(16.0, 16.0)),
+    "c20": dict(ROUND1, iterations=(40, 10), lr=0.25, control_mm=(20.0, 20.0)),
+    "c16_lr05": dict(ROUND1, iterations=(40, 10), lr=0.5, control_mm=(16.0, 16.0)),
+    "acc_c12": dict(ROUND1, iterations=(120, 30), lr=0.25, control_mm=(12.0, 12.0)),  # accurate's steps
+    "acc_c12_lr05": dict(ROUND1, iterations=(120, 30), lr=0.5, control_mm=(12.0, 12.0)),
 }
 """Named configurations: overrides of `PRESETS["balanced"]` (None: the preset of that name). The search adds
 entries here; docs/REFINEMENT.md lists them with their results."""

@@ -66,7 +66,7 @@ class RefineSettings:
         (40, 10), "Adam steps of the deformable stage per level", low=0, high=10000)
     lr: float = _knob(0.25, "Adam step of the velocity in mm", low=1e-3, high=10.0)
     control_mm: tuple[float, ...] = _knob(
-        (8.0, 8.0), "Voxel size (mm) of the velocity's control grid at each deformable level (not finer than the "
+        (12.0, 12.0), "Voxel size (mm) of the velocity's control grid at each deformable level (not finer than the "
         "level): the velocity is integrated there and its displacement upsampled trilinearly", low=0.5, high=32.0)
     regulariser: str = _knob(
         "diffusion", "Penalty on the velocity: 'diffusion' (mean squared first derivatives) or 'bending' (mean "
@@ -119,8 +119,7 @@ def _check_field(name: str, value: Any, default: Any, meta: dict) -> None:
 PRESETS: dict[str, RefineSettings | None] = {
     "fast": None,
     "balanced": RefineSettings(),
-    "accurate": RefineSettings(rigid_iterations=(100, 40), affine_iterations=(60, 40), iterations=(120, 30),
-                               lr=0.5),
+    "accurate": RefineSettings(rigid_iterations=(100, 40), affine_iterations=(60, 40), iterations=(120, 30)),
 }
 """Named settings: "fast" is the network alone (no refinement), "balanced" the default, "accurate" slower."""
 
