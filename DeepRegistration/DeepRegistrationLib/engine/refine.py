@@ -566,10 +566,10 @@ def _better_start(level: _DeformableLevel, velocity: Tensor) -> Tensor | None:
         disp = integrate_velocity(resize_field(velocity, level.control.shape), level.int_steps)
         seeded = float(level.similarity(resize_field(disp, level.grid.shape)))
         identity = float(level.similarity(torch.zeros(1, 3, *level.grid.shape, device=disp.device)))
-    if identity <= seeded:
+    if identity < seeded:
         warnings.warn(RegistrationWarning(
-            f"the images match worse through the network's field than without it (similarity loss {seeded:.4f} vs "
-            f"{identity:.4f}); the refinement starts from the identity instead"), stacklevel=3)
+            f"the images match worse through the network's field than without it (similarity loss {seeded:.6g} vs "
+            f"{identity:.6g}); the refinement starts from the identity instead"), stacklevel=3)
         return None
     return velocity
 
