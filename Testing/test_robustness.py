@@ -380,7 +380,7 @@ case(MARKS, ".fcsv `CoordinateSystem = lps` in lower case", 0, "",
      check=lambda e, m: np.testing.assert_allclose(m["landmarks"]["before"], np.sqrt(3), atol=1e-3))(
     lambda e: e.register({"--fixed-landmarks": e.fcsv("f_lps.fcsv", e.points * [-1, -1, 1], ["a", "b", "c"], "lps"),
                           "--moving-landmarks": e.fcsv("m_lps.fcsv", (e.points + 1.0) * [-1, -1, 1],
-                                                       ["a", "b", "c"], "lps")}))
+                                                       ["a", "b", "c"], "lps")}, "--preset", "fast"))
 
 
 def _unplaced(e: Env) -> list[str]:
@@ -388,7 +388,7 @@ def _unplaced(e: Env) -> list[str]:
     points = [{"label": n, "position": list(p), "positionStatus": "defined"} for n, p in zip("abc", lps)]
     points[1] = {"label": "b", "position": [0.0, 0.0, 0.0], "positionStatus": "undefined"}
     return e.register({"--fixed-landmarks": e.markups("f.mrk.json", points),
-                       "--moving-landmarks": e.moving_landmarks})
+                       "--moving-landmarks": e.moving_landmarks}, "--preset", "fast")
 
 
 case(MARKS, ".mrk.json with an unplaced point", 0, r"control point 2 \(b\) is not placed; skipped",
