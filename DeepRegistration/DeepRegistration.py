@@ -544,11 +544,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _overrides(self) -> dict:
         """All methods' parameter overrides, {method: {field: value}}."""
-        try:
-            value = json.loads(self._parameterNode.methodParameters or "{}")
-            return value if isinstance(value, dict) else {}
-        except json.JSONDecodeError:
-            return {}
+        return _json_dict(self._parameterNode.methodParameters)
 
     def methodOverrides(self) -> dict:
         return self._overrides().get(self._parameterNode.method, {})
@@ -883,11 +879,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         edits are kept for when a refining preset is chosen again)."""
         if self._parameterNode.preset == "fast":
             return {}
-        try:
-            value = json.loads(self._parameterNode.refinement or "{}")
-            return value if isinstance(value, dict) else {}
-        except json.JSONDecodeError:
-            return {}
+        return _json_dict(self._parameterNode.refinement)
 
     def onRefineButton(self) -> None:
         """Run the last registration again with the guidance points pulling the warp where it is wrong, into the
@@ -1067,6 +1059,15 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from DeepRegistrationLib.frontends.mrml import flicker_step
 
         flicker_step(slicer.mrmlScene)
+
+
+def _json_dict(text: str) -> dict:
+    """The JSON object a parameter-node string holds; {} when it is empty, not JSON or not an object."""
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _differs(value, default) -> bool:

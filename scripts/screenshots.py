@@ -84,6 +84,18 @@ def _draw_tables(tables: list[tuple[str, object, int]], path: Path) -> None:
     plt.close(figure)
 
 
+def apply(harness, widget, what: str):
+    """Click Apply, wait for the run, and return its RegistrationNodes with the residual lines hidden."""
+    widget.ui.applyButton.click()
+    harness.processEvents()
+    if not widget.ui.statusLabel.text.startswith("Done"):
+        raise RuntimeError(f"{what} did not finish: {widget.ui.statusLabel.text}")
+    nodes = widget._lastNodes
+    for line in nodes.residuals:
+        line.GetDisplayNode().SetVisibility(False)
+    return nodes
+
+
 def generate(out_dir: Path, folder: Path | None = None, size: tuple[int, int] = (400, 400)) -> dict[str, Path]:
     """Render every screenshot of `SHOTS` into `out_dir` (and the Sample Data thumbnail when `out_dir` is
     docs/screenshots); returns file name → path."""
@@ -115,13 +127,7 @@ def generate(out_dir: Path, folder: Path | None = None, size: tuple[int, int] = 
         ui.fixedLandmarksSelector.setCurrentNode(fixedPoints)
         ui.movingLandmarksSelector.setCurrentNode(movingPoints)
         ui.transformDisplayComboBox.setCurrentIndex(ui.transformDisplayComboBox.findData("grid"))
-        ui.applyButton.click()
-        harness.processEvents()
-        if not ui.statusLabel.text.startswith("Done"):
-            raise RuntimeError(f"the registration did not finish: {ui.statusLabel.text}")
-        shipped = widget._lastNodes
-        for line in shipped.residuals:
-            line.GetDisplayNode().SetVisibility(False)
+        shipped = apply(harness, widget, "the registration")
         for view in views.values():
             view.fit()
             view.setOffsetFraction(0.55)
@@ -168,13 +174,7 @@ def generate(out_dir: Path, folder: Path | None = None, size: tuple[int, int] = 
         ui.presetComboBox.setCurrentIndex(ui.presetComboBox.findText("fast"))
         ui.weightsLineEdit.text = _untrained_folding_model(folder)
         ui.weightsLineEdit.finishEditing()
-        ui.applyButton.click()
-        harness.processEvents()
-        if not ui.statusLabel.text.startswith("Done"):
-            raise RuntimeError(f"the second registration did not finish: {ui.statusLabel.text}")
-        untrained = widget._lastNodes
-        for line in untrained.residuals:
-            line.GetDisplayNode().SetVisibility(False)
+        untrained = apply(harness, widget, "the second registration")
         layers(untrained.jacobian)
         save("folding.png", views["Red"].image())
 
