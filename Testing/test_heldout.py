@@ -149,3 +149,73 @@ def test_v1_stays_readable_and_v2_adds_ct_pairs_in_both_directions():
     assert {s.modalities for s in ct} == {("ct", "mr"), ("mr", "ct")}
     assert all(s.multimodal for s in ct)
     assert [m.name for m in available_methods(v2, ["identity"])] == ["identity"]
+
+
+def _candidate(tmp_path, record: dict, method: str = "voxelmorph"):
+    from DeepRegistrationLib.methods.models import save_model
+    from DeepRegistrationLib.methods.registry import get_method
+
+    return save_model(get_method(method).build(), method, tmp_path / f"{method}.safetensors", record)
+
+
+def test_a_candidate_model_runs_beside_the_shipped_one_with_its_own_held_out_pairs(tmp_path):
+    """`--candidate voxelmorph=FILE`: methods voxelmorph[candidate] (fast, @balanced) carry the file and its
+    sha256, and their held-out pairs come from the candidate's record (here: trained on ICBM152 only)."""
+    from benchmark.methods import parse_candidates
+
+    manifest = load_manifest()
+    icbm = {"data": {"spec": {"subjects": ["icbm152_2009a"]}, "icbm152_2009a": {"t1.nii.gz": "3" * 64}}}
+    path = _candidate(tmp_path, icbm)
+    methods = available_methods(manifest, ["voxelmorph[candidate]", "voxelmorph[candidate]@balanced"],
+                                parse_candidates([f"voxelmorph={path}"]))
+    assert [m.settings["preset"] for m in methods] == ["fast", "balanced"]
+    assert all(m.weights == str(path.resolve()) and len(m.settings["weights_sha256"]) == 64 for m in methods)
+    specs = list(manifest.pairs.values())
+    hashes = lambda s: {"3" * 64} if s.startswith("icbm152") else {s}  # noqa: E731
+    held = held_out_pairs(manifest, specs, methods, anatomy_dir=None, subject_hashes=hashes)
+    expected = [s.id for s in specs if methods[0].applies_to(s) and not any(x.startswith("icbm152")
+                                                                           for x in s.subjects)]
+    assert held["voxelmorph[candidate]"] == expected and expected
+
+
+@pytest.mark.parametrize("value, message", [
+    ("voxelmorph", "expected NAME=PATH"), ("optimise=x.safetensors", "not a registry network"),
+    ("voxelmorph=missing.safetensors", "does not exist"), ("lapirn={path}", "is a voxelmorph model, not a lapirn")])
+def test_a_bad_candidate_is_named_before_any_run(tmp_path, value, message):
+    from benchmark.methods import parse_candidates
+
+    path = _candidate(tmp_path, {})
+    with pytest.raises(InputError, match=message):
+        parse_candidates([value.format(path=path)])
+
+
+def test_summary_says_whether_a_candidate_beats_the_shipped_model_on_its_held_out_pairs():
+    rows = [("kw_a", "identity", 0.5), ("kw_a", "lapirn", 0.8), ("kw_a", "lapirn[candidate]", 0.7),
+            ("kw_b", "identity", 0.6), ("kw_b", "lapirn", 0.7), ("kw_b", "lapirn[candidate]", 0.9),
+            ("kw_b", "lapirn@balanced", 0.95), ("kw_b", "lapirn[candidate]@balanced", 0.94)]
+    records = [{"pair": p, "kind": "known_warp", "method": m, "error": "", "dice": d, "hd95": 1.0, "assd": 0.5,
+                "folding_pct": 0.0, "sdlogj": 0.1, "tre_mm": 1.0, "epe_mm": 1.0, "seconds": 1.0, "peak_mb": 10.0}
+               for p, m, d in rows]
+    info = {"held_out": {"lapirn": [], "lapirn[candidate]": ["kw_b"], "lapirn@balanced": [],
+                         "lapirn[candidate]@balanced": ["kw_b"]},
+            "resolution_mm": 2.0, "started": "", "finished": "",
+            "machine": {"cpu": "cpu", "cores": 2, "threads": 1, "versions": {}}}
+    text = summary_markdown(records, info)
+    section = text[text.index("### Candidate models"):text.index("### Per pair")]
+    assert "| lapirn[candidate] | lapirn | 1 | 0.900 | 0.700 | +0.200 | 0.600 | beats |" in section
+    assert "| lapirn[candidate]@balanced | lapirn@balanced | 1 | 0.940 | 0.950 | -0.010 | 0.600 | does not beat |" \
+        in section
+    assert "### Candidate models" not in summary_markdown(records[:2], info)
+
+
+def test_a_resumed_run_refuses_records_made_with_another_candidate_file(tmp_path):
+    from benchmark.run import _check_same_methods
+
+    manifest = load_manifest()
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, second = _candidate(tmp_path / "a", {}), _candidate(tmp_path / "b", {})
+    before = available_methods(manifest, ["voxelmorph[candidate]"], {"voxelmorph": first})
+    after = available_methods(manifest, ["voxelmorph[candidate]"], {"voxelmorph": second})
+    _check_same_methods([m.to_dict() for m in before], before, tmp_path)
+    with pytest.raises(InputError, match="cannot resume: voxelmorph\\[candidate\\] ran with other settings"):
+        _check_same_methods([m.to_dict() for m in before], after, tmp_path)

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="*", help="method names (default identity, shipped networks, classical)")
     p.add_argument("--out", type=Path, default=OUTPUT_DIR, help="output directory")
     p.add_argument("--resume", action="store_true", help="keep finished (pair, method) records in --out")
+    p.add_argument("--candidate", action="append", metavar="NAME=PATH",
+                   help="also run this model file as NAME[candidate] (and @balanced) and compare it with the shipped "
+                        "NAME on its held-out pairs (repeatable)")
     common(p, "grid spacing in mm (default the manifest's)")
 
     p = sub.add_parser("report", help="rebuild the tables and plots of a run directory from its records")
@@ -60,10 +63,12 @@ def main(argv: list[str] | None = None) -> int:
                 path = materialise(manifest, spec, args.resolution, args.anatomy_dir, args.cache_dir, args.force)
                 print(f"{spec.id}: {path}")
         elif args.command == "run":
+            from .methods import parse_candidates
             from .run import run_suite
 
             run_suite(manifest, args.pairs, args.methods, args.out, args.threads, args.resolution, args.device,
-                      args.timeout, args.resume, args.anatomy_dir, args.cache_dir)
+                      args.timeout, args.resume, args.anatomy_dir, args.cache_dir,
+                      candidates=parse_candidates(args.candidate))
             print(f"results in {args.out}")
         elif args.command == "report":
             from .run import rewrite_outputs

@@ -34,9 +34,9 @@ def model_hashes(record: dict[str, Any]) -> set[str] | None:
     return hashes or None
 
 
-def network_record(method: Method, weights: str | None = None) -> dict[str, Any]:
-    path = weights or METHODS[method.settings["method"]].weights_path
-    return read_metadata(path).get("record", {})
+def network_record(method: Method) -> dict[str, Any]:
+    """The training record of the model `method` runs (a candidate's file, or the shipped one)."""
+    return read_metadata(method.weights or METHODS[method.settings["method"]].weights_path).get("record", {})
 
 
 def anatomy_hashes(manifest: Manifest, anatomy_dir: Path) -> SubjectHashes:

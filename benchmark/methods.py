@@ -15,6 +15,7 @@ import numpy as np
 from DeepRegistrationLib.core.errors import InputError
 from DeepRegistrationLib.core.field import DisplacementField
 from DeepRegistrationLib.core.image import Image
+from DeepRegistrationLib.methods.models import read_metadata, sha256_of
 from DeepRegistrationLib.methods.registry import METHODS, OPTIMISE
 
 from .suite import Manifest, PairSpec
@@ -35,6 +36,11 @@ class Method:
         """Monomodal methods (CC-based tools, "mono" networks) are not run on multimodal pairs."""
         return not (self.monomodal_only and spec.multimodal)
 
+    @property
+    def weights(self) -> str | None:
+        """A candidate network's weights file (None: the shipped model)."""
+        return self.settings.get("weights")
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "monomodal_only": self.monomodal_only,
                 "settings": self.settings}
@@ -44,16 +50,52 @@ BENCHMARK_PRESETS = ("fast", "balanced")
 """The presets every shipped network runs with; `optimise` (no network) runs with balanced and accurate."""
 
 
-def network_method(name: str, preset: str = "fast") -> Method:
-    """A registry method run by the engine with `preset`; named `<method>` for fast, `<method>@<preset>` else."""
+CANDIDATE = "[candidate]"
+"""Suffix of a candidate model's method name: `lapirn[candidate]`, `lapirn[candidate]@balanced`."""
+
+
+def network_method(name: str, preset: str = "fast", weights: str | Path | None = None) -> Method:
+    """A registry method run by the engine with `preset` and its shipped model, or the candidate model `weights`;
+    named `<method>` (`<method>[candidate]`) for fast, with `@<preset>` appended else."""
     spec = METHODS[name]
-    label = name if preset == "fast" else f"{name}@{preset}"
-    return Method(label, "network", spec.modality == "mono", {"method": name, "preset": preset})
+    base = f"{name}{CANDIDATE}" if weights else name
+    settings: dict[str, Any] = {"method": name, "preset": preset}
+    if weights:
+        settings.update(weights=str(Path(weights).resolve()), weights_sha256=sha256_of(weights))
+    return Method(base if preset == "fast" else f"{base}@{preset}", "network", spec.modality == "mono", settings)
 
 
-def available_methods(manifest: Manifest, names: list[str] | None = None) -> list[Method]:
-    """Identity, each registry network whose weights are shipped with every preset of `BENCHMARK_PRESETS`, the
-    per-pair optimisation alone (`optimise@balanced`, `optimise@accurate`), and the manifest's classical methods.
+def shipped_name(name: str) -> str:
+    """The name of the shipped model's method that the candidate method `name` would replace."""
+    return name.replace(CANDIDATE, "")
+
+
+def parse_candidates(values: list[str] | None) -> dict[str, Path]:
+    """`NAME=PATH` arguments → {registry network: weights file}; InputError for a bad name, a missing file or a
+    model of another method (read from the JSON beside it)."""
+    out: dict[str, Path] = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not sep or not path:
+            raise InputError(f"--candidate {value!r}: expected NAME=PATH, e.g. "
+                             "lapirn=runs/lapirn_cpu/lapirn.safetensors")
+        if name not in METHODS or not METHODS[name].is_network:
+            raise InputError(f"--candidate {value!r}: {name!r} is not a registry network; networks: "
+                             + ", ".join(n for n, s in METHODS.items() if s.is_network))
+        if not Path(path).is_file():
+            raise InputError(f"--candidate {value!r}: {path} does not exist")
+        trained = read_metadata(path)["method"]
+        if trained != name:
+            raise InputError(f"--candidate {value!r}: {path} is a {trained} model, not a {name} model")
+        out[name] = Path(path)
+    return out
+
+
+def available_methods(manifest: Manifest, names: list[str] | None = None,
+                      candidates: dict[str, Path] | None = None) -> list[Method]:
+    """Identity, each registry network whose weights are shipped with every preset of `BENCHMARK_PRESETS`, each
+    candidate model (`candidates`: network → weights file) with the same presets, the per-pair optimisation alone
+    (`optimise@balanced`, `optimise@accurate`), and the manifest's classical methods.
 
     With `names`, exactly those (an unknown name, or a network without weights, is an InputError).
     """
@@ -61,6 +103,7 @@ def available_methods(manifest: Manifest, names: list[str] | None = None) -> lis
     shipped = [n for n, spec in METHODS.items() if spec.is_network and spec.weights_path.is_file()]
     for preset in BENCHMARK_PRESETS:
         known.update({m.name: m for m in (network_method(n, preset) for n in shipped)})
+        known.update({m.name: m for m in (network_method(n, preset, w) for n, w in (candidates or {}).items())})
     known.update({m.name: m for m in (network_method(OPTIMISE, p) for p in ("balanced", "accurate"))})
     known.update({n: Method(n, "classical", bool(s.get("monomodal_only")), s) for n, s in manifest.classical.items()})
     if not names:
@@ -73,11 +116,12 @@ def available_methods(manifest: Manifest, names: list[str] | None = None) -> lis
 
 
 def network_options(method: Method, modalities: tuple[str, str], device: str, weights: str | None):
-    """The `RegistrationOptions` a registry method runs with in the benchmark: its shipped (or given) model as is,
-    its preset's refinement settings unchanged."""
+    """The `RegistrationOptions` a registry method runs with in the benchmark: its shipped (or given, or the
+    candidate's) model as is, its preset's refinement settings unchanged."""
     from DeepRegistrationLib.engine.options import RegistrationOptions
 
-    return RegistrationOptions(method=method.settings["method"], preset=method.settings["preset"], weights=weights,
+    return RegistrationOptions(method=method.settings["method"], preset=method.settings["preset"],
+                               weights=weights or method.weights,
                                device=device, fixed_modality=modalities[0], moving_modality=modalities[1])
 
 

@@ -3,7 +3,8 @@ scored in this process with `scoring.score`. Writes into the output directory:
 
 - `results.jsonl`: one record per (pair, method) as it finishes (a rerun with `resume` skips finished ones);
 - `results.csv`: the summary row of each record; `structures.csv`: Dice, HD95, ASSD per structure;
-- `summary.md`: the tables (per pair kind, on each network's held-out pairs, and per pair) and the machine;
+- `summary.md`: the tables (per pair kind, on each network's held-out pairs, each candidate model against the
+  shipped one it would replace on the candidate's held-out pairs, and per pair) and the machine;
   `dice_<label set>.png` box plots;
 - `run.json`: manifest, methods with their settings, machine, threads, library versions, and per network the pairs
   whose anatomy it never saw (`held_out`, benchmark/heldout.py).
@@ -25,7 +26,7 @@ from DeepRegistrationLib.core.errors import InputError
 from DeepRegistrationLib.core.field import read_itk_displacement
 
 from .heldout import held_out_pairs
-from .methods import Method, available_methods
+from .methods import CANDIDATE, Method, available_methods, shipped_name
 from .plots import structure_boxplots
 from .scoring import score
 from .suite import ANATOMY_DIR, CACHE_DIR, Manifest, load_pair, materialise
@@ -51,8 +52,9 @@ def run_suite(manifest: Manifest, pair_names: list[str] | None = None, method_na
               out_dir: Path = OUTPUT_DIR, threads: int = 2, resolution_mm: float | None = None,
               device: str = "cpu", timeout_s: float | None = None, resume: bool = False,
               anatomy_dir: Path = ANATOMY_DIR, cache_dir: Path = CACHE_DIR,
-              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Materialise, run, score and write every output (see the module docstring); returns the records."""
+              log: Callable[[str], None] = print, candidates: dict[str, Path] | None = None) -> list[dict[str, Any]]:
+    """Materialise, run, score and write every output (see the module docstring); returns the records.
+    `candidates`: network → weights file of a model to compare with the shipped one (`benchmark.methods`)."""
     from . import set_threads
     import torch
 
@@ -61,7 +63,7 @@ def run_suite(manifest: Manifest, pair_names: list[str] | None = None, method_na
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     specs = manifest.select(pair_names)
-    methods = available_methods(manifest, method_names)
+    methods = available_methods(manifest, method_names, candidates)
     info = {"manifest": str(manifest.path), "suite": manifest.raw.get("suite"), "version": manifest.version,
             "resolution_mm": float(resolution_mm or manifest.resolution_mm), "pairs": [s.id for s in specs],
             "methods": [m.to_dict() for m in methods], "device": device, "machine": machine_info(threads),
@@ -73,6 +75,7 @@ def run_suite(manifest: Manifest, pair_names: list[str] | None = None, method_na
     done = _finished(jsonl) if resume else {}
     if resume and (out_dir / "run.json").is_file():
         previous = json.loads((out_dir / "run.json").read_text())
+        _check_same_methods(previous.get("methods", []), methods, out_dir)
         info["resumed"] = [*previous.get("resumed", []), info["started"]]
         info["started"], info["machine"]["load_average"] = previous["started"], previous["machine"]["load_average"]
     if not resume:
@@ -97,6 +100,17 @@ def run_suite(manifest: Manifest, pair_names: list[str] | None = None, method_na
     info["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     write_outputs(records, info, out_dir)
     return records
+
+
+def _check_same_methods(previous: list[dict[str, Any]], methods: list[Method], out_dir: Path) -> None:
+    """A resumed run keeps records by method name: refuse a name whose settings (a candidate's model file and its
+    sha256, a tool's parameters) differ from those the records were made with."""
+    before = {m["name"]: m.get("settings", {}) for m in previous}
+    changed = [m.name for m in methods if m.name in before and before[m.name] != json.loads(
+        json.dumps(m.settings, default=json_default))]
+    if changed:
+        raise InputError(f"{out_dir}: cannot resume: {', '.join(changed)} ran with other settings (another model "
+                         "file?) in the records there; use a new --out")
 
 
 def rewrite_outputs(out_dir: Path) -> list[dict[str, Any]]:
@@ -194,6 +208,7 @@ def summary_markdown(records: list[dict[str, Any]], info: dict[str, Any]) -> str
                                                                            for _, k, d in TABLE) + " |")
         lines.append("")
     lines += held_out_markdown(ok, info, methods, head, rule)
+    lines += candidates_markdown(ok, info, methods)
     lines += ["### Per pair", "", "| pair | method | " + " | ".join(t[0] for t in TABLE) + " |",
               "|---|---|" + "---|" * len(TABLE)]
     for r in ok:
@@ -244,6 +259,31 @@ def held_out_markdown(ok: list[dict[str, Any]], info: dict[str, Any], methods: l
                                                                        for _, k, d in TABLE) + " |")
             lines.append("")
     return lines
+
+
+def candidates_markdown(ok: list[dict[str, Any]], info: dict[str, Any], methods: list[str]) -> list[str]:
+    """Each candidate model against the shipped model it would replace, same preset, on the pairs held out for the
+    candidate on which both ran: mean Dice of each, and whether the candidate beats it (the shipping rule)."""
+    candidates = [m for m in methods if CANDIDATE in m]
+    if not candidates:
+        return []
+    held = info.get("held_out") or {}
+    lines = ["### Candidate models against the shipped ones (held-out pairs of the candidate)", "",
+             "| candidate | shipped | pairs | candidate Dice | shipped Dice | Δ | identity Dice | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    dice = {(r["pair"], r["method"]): r["dice"] for r in ok}
+    for name in candidates:
+        shipped = shipped_name(name)
+        pairs = [p for p in held.get(name, []) if (p, name) in dice and (p, shipped) in dice]
+        if not pairs:
+            lines.append(f"| {name} | {shipped} | 0 | – | – | – | – | no held-out pair on which both ran |")
+            continue
+        new, old = (float(np.mean([dice[(p, m)] for p in pairs])) for m in (name, shipped))
+        identity = [dice[(p, "identity")] for p in pairs if (p, "identity") in dice]
+        before = f"{np.mean(identity):.3f}" if len(identity) == len(pairs) else "–"
+        lines.append(f"| {name} | {shipped} | {len(pairs)} | {new:.3f} | {old:.3f} | {new - old:+.3f} | {before} | "
+                     f"{'beats' if new > old else 'does not beat'} |")
+    return lines + [""]
 
 
 def _load(values: list[float] | None) -> str:
