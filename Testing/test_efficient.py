@@ -158,3 +158,22 @@ def test_budget_stop_and_compare_write_a_curve(tmp_path):
         assert all(math.isfinite(r["dice"]) for r in points)
     assert (tmp_path / "cmp" / "curve.png").stat().st_size > 1000
     assert (tmp_path / "cmp" / "curve.csv").read_text().startswith("recipe,name,iteration,wall_s,dice")
+
+
+def test_score_puts_a_model_file_on_a_recipes_validation_pairs(tmp_path):
+    """`score_model`: an exported model scores what its run's last validation logged (same pairs, same weights);
+    a model of another method is named."""
+    from training.compare import score_model
+
+    path = tmp_path / "recipe_vm.json"
+    path.write_text(json.dumps(VM))
+    trainer = Trainer(load_recipe(str(path)), tmp_path / "run", "cpu")
+    trainer.train(progress=False)
+    model = trainer.export(tmp_path / "vm.safetensors")
+    scored = score_model(model, str(path))
+    for key in ("dice", "dice_identity", "epe_mm"):
+        assert scored[key] == pytest.approx(trainer.last_validation[key], rel=1e-5), key
+    lap = tmp_path / "recipe_lap.json"
+    lap.write_text(json.dumps(LAP))
+    with pytest.raises(InputError, match="this model is for method 'voxelmorph', not 'lapirn'"):
+        score_model(model, str(lap))

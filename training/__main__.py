@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     co.add_argument("--validation", choices=("old", "new"), default="new",
                     help="whose validation pairs both recipes are scored on (default new)")
     co.add_argument("--device", default="cpu")
+    sc = sub.add_parser("score", help="a model file on a recipe's validation pairs (JSON: loss, dice, "
+                        "dice_identity, folding_percent, epe_mm)")
+    sc.add_argument("model", help=".safetensors with its JSON beside it")
+    sc.add_argument("--recipe", required=True, help="recipe name or path whose validation pairs score the model")
+    sc.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -64,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
             compare(args.method, args.minutes, out, args.old, args.new, args.set, args.set_old, args.set_new,
                     args.validate_every, args.device, args.validation)
             print(f"curve in {out / 'curve.csv'} and {out / 'curve.png'}")
+            return 0
+        if args.command == "score":
+            from .compare import score_model
+
+            print(json.dumps(score_model(args.model, args.recipe, args.device)))
             return 0
         return _export(args)
     except InputError as exc:

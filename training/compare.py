@@ -11,11 +11,15 @@ is the time since that recipe's start *without* the time spent validating (so a 
 recipe its budget; the budget, `Trainer.train(max_seconds=...)`, excludes it too); it includes pair synthesis. Written into `--out`: `curve.csv` (recipe, name, iteration,
 wall_s, dice, dice_identity, epe_mm, folding_percent) and `curve.png` (Dice against minutes, both recipes, the
 identity dashed).
+
+`python -m training score MODEL --recipe NAME` scores a model file (a shipped model, a run's export) on a recipe's
+validation pairs: the old model's point on the pairs a new recipe's run is validated on.
 """
 
 from __future__ import annotations
 
 import csv
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -90,6 +94,23 @@ def _validation_set(reference: Recipe, trainer):
         return FolderPairs(data.folder, spacing, shape, True, data.validation_pairs, False)
     return SyntheticPairs(data, spacing, shape, data.validation_pairs, reference.seed, validation=True,
                           with_truth=True)
+
+
+def score_model(path: str | Path, recipe: str, device: str = "cpu") -> dict[str, float]:
+    """Validation loss, Dice (and the identity's), % det J ≤ 0 and EPE (mm) of the model file `path` on the
+    validation pairs of `recipe` (name or path), built on the model's own working grid; InputError for a model of
+    another method."""
+    from DeepRegistrationLib.methods.models import load_model
+
+    from .trainer import Trainer
+
+    reference = load_recipe(recipe)
+    network, _ = load_model(reference.method, path)
+    with tempfile.TemporaryDirectory(prefix="deepreg_score_") as tmp:
+        trainer = Trainer(reference, tmp, device)
+        trainer.network = network.to(trainer.device)
+        trainer.val_set = _validation_set(reference, trainer)
+        return trainer.validate()
 
 
 def write_curve(rows: list[dict[str, Any]], out: Path) -> None:
