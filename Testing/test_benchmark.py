@@ -239,3 +239,37 @@ def test_elastix_field_reproduces_elastix_warped_image(tmp_path):
     inside = np.all((ijk >= 0.5) & (ijk <= np.array(moving.grid.shape) - 1.5), axis=-1)
     assert inside.mean() > 0.5 and np.abs(field.data).max() > 1.0
     np.testing.assert_allclose(ours[inside], theirs[inside], atol=1e-4)
+
+
+def test_half_the_refinement_steps_is_a_named_method_with_a_seed_verdict_in_the_summary():
+    """`NAME@balanced-half`: balanced with half the deformable steps (only when named); the summary says whether a
+    network seed with half the steps reaches `optimise@balanced` on the network's held-out pairs."""
+    from DeepRegistrationLib.engine.refine_settings import PRESETS, preset_settings
+    from benchmark.methods import HALF_STEPS, network_options
+    from benchmark.run import SAME_DICE, summary_markdown
+
+    manifest = load_manifest()
+    assert not any(HALF_STEPS in m.name for m in available_methods(manifest))
+    seeded, alone = available_methods(manifest, [f"lapirn@{HALF_STEPS}", f"optimise@{HALF_STEPS}"])
+    half = tuple((n + 1) // 2 for n in PRESETS["balanced"].iterations)
+    for method in (seeded, alone):
+        options = network_options(method, ("mr", "mr"), "cpu", None)
+        settings = preset_settings(options.preset, options.refinement)
+        assert options.preset == "balanced" and settings.iterations == half != PRESETS["balanced"].iterations
+        assert settings.levels_mm == PRESETS["balanced"].levels_mm
+
+    assert 0.003 < SAME_DICE  # the seeded row below (Δ −0.003) counts as the same accuracy
+    rows = [("kw_a", "optimise@balanced", 0.90), ("kw_a", "lapirn@balanced-half", 0.897),
+            ("kw_a", "optimise@balanced-half", 0.85), ("kw_a", "mmln@balanced-half", 0.80),
+            ("kw_b", "optimise@balanced", 0.95), ("kw_b", "lapirn@balanced-half", 0.5)]
+    records = [{"pair": p, "kind": "known_warp", "method": m, "error": "", "dice": d, "hd95": 1.0, "assd": 0.5,
+                "folding_pct": 0.0, "sdlogj": 0.1, "tre_mm": 1.0, "epe_mm": 1.0, "seconds": 1.0, "peak_mb": 10.0}
+               for p, m, d in rows]
+    info = {"held_out": {"lapirn@balanced-half": ["kw_a"], "mmln@balanced-half": ["kw_a"]},
+            "resolution_mm": 2.0, "started": "", "finished": "",
+            "machine": {"cpu": "cpu", "cores": 2, "threads": 1, "versions": {}}}
+    text = summary_markdown(records, info)
+    section = text[text.index("### Networks as the refinement's seed"):text.index("### Per pair")]
+    assert "| lapirn@balanced-half | 1 | 0.897 | 0.900 | -0.003 | 0.850 | same accuracy, half the steps |" in section
+    assert "| mmln@balanced-half | 1 | 0.800 | 0.900 | -0.100 | 0.850 | below |" in section
+    assert "refinement's seed" not in summary_markdown(records[:1], info)

@@ -178,15 +178,16 @@ def test_a_candidate_model_runs_beside_the_shipped_one_with_its_own_held_out_pai
     assert held["voxelmorph[candidate]"] == expected and expected
 
 
-@pytest.mark.parametrize("value, message", [
-    ("voxelmorph", "expected NAME=PATH"), ("optimise=x.safetensors", "not a registry network"),
-    ("voxelmorph=missing.safetensors", "does not exist"), ("lapirn={path}", "is a voxelmorph model, not a lapirn")])
-def test_a_bad_candidate_is_named_before_any_run(tmp_path, value, message):
+@pytest.mark.parametrize("values, message", [
+    (["voxelmorph"], "expected NAME=PATH"), (["optimise=x.safetensors"], "not a registry network"),
+    (["voxelmorph=missing.safetensors"], "does not exist"), (["lapirn={path}"], "is a voxelmorph model, not a lapirn"),
+    (["voxelmorph={path}", "voxelmorph={path}"], "'voxelmorph' is given twice")])
+def test_a_bad_candidate_is_named_before_any_run(tmp_path, values, message):
     from benchmark.methods import parse_candidates
 
     path = _candidate(tmp_path, {})
     with pytest.raises(InputError, match=message):
-        parse_candidates([value.format(path=path)])
+        parse_candidates([value.format(path=path) for value in values])
 
 
 def test_summary_says_whether_a_candidate_beats_the_shipped_model_on_its_held_out_pairs():

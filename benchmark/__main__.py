@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run and score the suite")
     p.add_argument("--pairs", nargs="*", help="subset names or pair ids (default all)")
-    p.add_argument("--methods", nargs="*", help="method names (default identity, shipped networks, classical)")
+    p.add_argument("--methods", nargs="*", help="method names (default identity, shipped networks, classical); "
+                   "NAME@balanced-half (half the refinement's deformable steps) only when named")
     p.add_argument("--out", type=Path, default=OUTPUT_DIR, help="output directory")
     p.add_argument("--resume", action="store_true", help="keep finished (pair, method) records in --out")
     p.add_argument("--candidate", action="append", metavar="NAME=PATH",

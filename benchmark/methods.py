@@ -4,6 +4,7 @@ tools the manifest configures. Each produces a forward `DisplacementField` on th
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -54,12 +55,27 @@ CANDIDATE = "[candidate]"
 """Suffix of a candidate model's method name: `lapirn[candidate]`, `lapirn[candidate]@balanced`."""
 
 
+HALF_STEPS = "balanced-half"
+"""A pseudo-preset, run only when named (`lapirn@balanced-half`, `optimise@balanced-half`): balanced with half the
+deformable refinement's steps at each level. A network earns its place as the refinement's seed when it reaches
+`optimise@balanced` (every step, from the identity) with half the steps (`run.seed_markdown`)."""
+
+
+def half_step_iterations() -> list[int]:
+    """The balanced preset's deformable steps per level, halved (rounded up)."""
+    from DeepRegistrationLib.engine.refine_settings import PRESETS
+
+    return [math.ceil(n / 2) for n in PRESETS["balanced"].iterations]
+
+
 def network_method(name: str, preset: str = "fast", weights: str | Path | None = None) -> Method:
-    """A registry method run by the engine with `preset` and its shipped model, or the candidate model `weights`;
-    named `<method>` (`<method>[candidate]`) for fast, with `@<preset>` appended else."""
+    """A registry method run by the engine with `preset` (or `HALF_STEPS`) and its shipped model, or the candidate
+    model `weights`; named `<method>` (`<method>[candidate]`) for fast, with `@<preset>` appended else."""
     spec = METHODS[name]
     base = f"{name}{CANDIDATE}" if weights else name
     settings: dict[str, Any] = {"method": name, "preset": preset}
+    if preset == HALF_STEPS:
+        settings.update(preset="balanced", refinement={"iterations": half_step_iterations()})
     if weights:
         settings.update(weights=str(Path(weights).resolve()), weights_sha256=sha256_of(weights))
     return Method(base if preset == "fast" else f"{base}@{preset}", "network", spec.modality == "mono", settings)
@@ -71,14 +87,17 @@ def shipped_name(name: str) -> str:
 
 
 def parse_candidates(values: list[str] | None) -> dict[str, Path]:
-    """`NAME=PATH` arguments → {registry network: weights file}; InputError for a bad name, a missing file or a
-    model of another method (read from the JSON beside it)."""
+    """`NAME=PATH` arguments → {registry network: weights file}; InputError for a bad name, a name given twice, a
+    missing file or a model of another method (read from the JSON beside it)."""
     out: dict[str, Path] = {}
     for value in values or []:
         name, sep, path = value.partition("=")
         if not sep or not path:
             raise InputError(f"--candidate {value!r}: expected NAME=PATH, e.g. "
                              "lapirn=runs/lapirn_cpu/lapirn.safetensors")
+        if name in out:
+            raise InputError(f"--candidate {value!r}: {name!r} is given twice ({out[name]} and {path}); "
+                             "one candidate per network")
         if name not in METHODS or not METHODS[name].is_network:
             raise InputError(f"--candidate {value!r}: {name!r} is not a registry network; networks: "
                              + ", ".join(n for n, s in METHODS.items() if s.is_network))
@@ -97,7 +116,8 @@ def available_methods(manifest: Manifest, names: list[str] | None = None,
     candidate model (`candidates`: network → weights file) with the same presets, the per-pair optimisation alone
     (`optimise@balanced`, `optimise@accurate`), and the manifest's classical methods.
 
-    With `names`, exactly those (an unknown name, or a network without weights, is an InputError).
+    With `names`, exactly those (an unknown name, or a network without weights, is an InputError); those may also
+    be any of these with the `HALF_STEPS` pseudo-preset, which no default run includes.
     """
     known = {IDENTITY: Method(IDENTITY, "identity")}
     shipped = [n for n, spec in METHODS.items() if spec.is_network and spec.weights_path.is_file()]
@@ -108,6 +128,9 @@ def available_methods(manifest: Manifest, names: list[str] | None = None,
     known.update({n: Method(n, "classical", bool(s.get("monomodal_only")), s) for n, s in manifest.classical.items()})
     if not names:
         return list(known.values())
+    half = [network_method(n, HALF_STEPS) for n in [*shipped, OPTIMISE]]
+    half += [network_method(n, HALF_STEPS, w) for n, w in (candidates or {}).items()]
+    known.update({m.name: m for m in half})
     for name in names:
         if name not in known:
             hint = " (no shipped weights)" if name in METHODS else ""
@@ -117,11 +140,11 @@ def available_methods(manifest: Manifest, names: list[str] | None = None,
 
 def network_options(method: Method, modalities: tuple[str, str], device: str, weights: str | None):
     """The `RegistrationOptions` a registry method runs with in the benchmark: its shipped (or given, or the
-    candidate's) model as is, its preset's refinement settings unchanged."""
+    candidate's) model as is, its preset's refinement settings (with `HALF_STEPS`' halved steps)."""
     from DeepRegistrationLib.engine.options import RegistrationOptions
 
     return RegistrationOptions(method=method.settings["method"], preset=method.settings["preset"],
-                               weights=weights or method.weights,
+                               refinement=method.settings.get("refinement", {}), weights=weights or method.weights,
                                device=device, fixed_modality=modalities[0], moving_modality=modalities[1])
 
 

@@ -26,7 +26,7 @@ from DeepRegistrationLib.core.errors import InputError
 from DeepRegistrationLib.core.field import read_itk_displacement
 
 from .heldout import held_out_pairs
-from .methods import CANDIDATE, Method, available_methods, shipped_name
+from .methods import CANDIDATE, HALF_STEPS, Method, available_methods, shipped_name
 from .plots import structure_boxplots
 from .scoring import score
 from .suite import ANATOMY_DIR, CACHE_DIR, Manifest, load_pair, materialise
@@ -209,6 +209,7 @@ def summary_markdown(records: list[dict[str, Any]], info: dict[str, Any]) -> str
         lines.append("")
     lines += held_out_markdown(ok, info, methods, head, rule)
     lines += candidates_markdown(ok, info, methods)
+    lines += seed_markdown(ok, info, methods)
     lines += ["### Per pair", "", "| pair | method | " + " | ".join(t[0] for t in TABLE) + " |",
               "|---|---|" + "---|" * len(TABLE)]
     for r in ok:
@@ -283,6 +284,38 @@ def candidates_markdown(ok: list[dict[str, Any]], info: dict[str, Any], methods:
         before = f"{np.mean(identity):.3f}" if len(identity) == len(pairs) else "–"
         lines.append(f"| {name} | {shipped} | {len(pairs)} | {new:.3f} | {old:.3f} | {new - old:+.3f} | {before} | "
                      f"{'beats' if new > old else 'does not beat'} |")
+    return lines + [""]
+
+
+SAME_DICE = 0.005
+"""Mean Dice within this of `optimise@balanced`'s counts as the same final accuracy (`seed_markdown`)."""
+
+
+def seed_markdown(ok: list[dict[str, Any]], info: dict[str, Any], methods: list[str]) -> list[str]:
+    """Each network as the refinement's seed: `NAME@balanced-half` (half the deformable steps) against
+    `optimise@balanced` (all of them, from the identity) on the network's held-out pairs on which both ran, with
+    `optimise@balanced-half` beside it; the verdict: the same final accuracy (within `SAME_DICE`) or not."""
+    reference, suffix = "optimise@balanced", f"@{HALF_STEPS}"
+    seeds = [m for m in methods if m.endswith(suffix) and not m.startswith("optimise@")]
+    if not seeds:
+        return []
+    held = info.get("held_out") or {}
+    dice = {(r["pair"], r["method"]): r["dice"] for r in ok}
+    lines = ["### Networks as the refinement's seed: half the steps against all of them from the identity "
+             "(held-out pairs of the network)", "",
+             f"| seeded, half the steps | pairs | its Dice | {reference} | Δ | optimise{suffix} | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for name in seeds:
+        pairs = [p for p in held.get(name, []) if (p, name) in dice and (p, reference) in dice]
+        if not pairs:
+            lines.append(f"| {name} | 0 | – | – | – | – | no held-out pair on which both ran |")
+            continue
+        seeded, full = (float(np.mean([dice[(p, m)] for p in pairs])) for m in (name, reference))
+        half = [dice[(p, f"optimise{suffix}")] for p in pairs if (p, f"optimise{suffix}") in dice]
+        alone = f"{np.mean(half):.3f}" if len(half) == len(pairs) else "–"
+        verdict = "same accuracy, half the steps" if seeded >= full - SAME_DICE else "below"
+        lines.append(f"| {name} | {len(pairs)} | {seeded:.3f} | {full:.3f} | {seeded - full:+.3f} | {alone} | "
+                     f"{verdict} |")
     return lines + [""]
 
 
