@@ -143,11 +143,13 @@ def test_run_suite_in_child_process_writes_every_output(tiny, tmp_path):
     from benchmark.run import run_suite
 
     manifest, anatomy, cache = tiny
-    records = run_suite(manifest, ["kw"], [IDENTITY], tmp_path, threads=1, anatomy_dir=anatomy, cache_dir=cache,
-                        log=lambda line: None)
-    (record,) = records
+    records = run_suite(manifest, ["kw"], [IDENTITY, "optimise@balanced-half"], tmp_path, threads=1,
+                        anatomy_dir=anatomy, cache_dir=cache, log=lambda line: None)
+    record, optimised = records
     assert not record["error"] and record["seconds"] >= 0 and record["peak_mb"] > 50
     assert record["epe_mm"] > 0.2 and record["dice"] == pytest.approx(record["dice_before"])
+    assert not optimised["error"] and optimised["epe_mm"] < record["epe_mm"]
+    assert record["held_out"] and optimised["held_out"]  # neither learns anything: every pair is held out
     for name in ("results.csv", "structures.csv", "summary.md", "run.json", "results.jsonl",
                  "dice_known_warp_blobs.png"):
         assert (tmp_path / name).is_file(), name
