@@ -315,6 +315,8 @@ def seed_markdown(ok: list[dict[str, Any]], info: dict[str, Any], methods: list[
         half = [dice[(p, f"optimise{suffix}")] for p in pairs if (p, f"optimise{suffix}") in dice]
         alone = f"{np.mean(half):.3f}" if len(half) == len(pairs) else "–"
         verdict = "same accuracy, half the steps" if seeded >= full - SAME_DICE else "below"
+        if seeded >= full - SAME_DICE and len(half) == len(pairs) and np.mean(half) >= full - SAME_DICE:
+            verdict += " (so does the identity: these pairs do not tell)"
         lines.append(f"| {name} | {len(pairs)} | {seeded:.3f} | {full:.3f} | {seeded - full:+.3f} | {alone} | "
                      f"{verdict} |")
     return lines + [""]
