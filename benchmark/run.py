@@ -24,6 +24,7 @@ import numpy as np
 
 from DeepRegistrationLib.core.errors import InputError
 from DeepRegistrationLib.core.field import read_itk_displacement
+from DeepRegistrationLib.methods.registry import OPTIMISE
 
 from .heldout import held_out_pairs
 from .methods import CANDIDATE, HALF_STEPS, Method, available_methods, shipped_name
@@ -276,16 +277,29 @@ def candidates_markdown(ok: list[dict[str, Any]], info: dict[str, Any], methods:
     dice = {(r["pair"], r["method"]): r["dice"] for r in ok}
     for name in candidates:
         shipped = shipped_name(name)
-        pairs = [p for p in held.get(name, []) if (p, name) in dice and (p, shipped) in dice]
+        pairs, new, old, before = _held_out_means(dice, held.get(name, []), name, shipped, "identity")
         if not pairs:
             lines.append(f"| {name} | {shipped} | 0 | – | – | – | – | no held-out pair on which both ran |")
             continue
-        new, old = (float(np.mean([dice[(p, m)] for p in pairs])) for m in (name, shipped))
-        identity = [dice[(p, "identity")] for p in pairs if (p, "identity") in dice]
-        before = f"{np.mean(identity):.3f}" if len(identity) == len(pairs) else "–"
-        lines.append(f"| {name} | {shipped} | {len(pairs)} | {new:.3f} | {old:.3f} | {new - old:+.3f} | {before} | "
-                     f"{'beats' if new > old else 'does not beat'} |")
+        lines.append(f"| {name} | {shipped} | {len(pairs)} | {new:.3f} | {old:.3f} | {new - old:+.3f} | "
+                     f"{_mean_or_dash(before)} | {'beats' if new > old else 'does not beat'} |")
     return lines + [""]
+
+
+def _held_out_means(dice: dict[tuple[str, str], float], held: list[str], name: str, other: str, beside: str
+                    ) -> tuple[list[str], float, float, float | None]:
+    """The held-out pairs on which `name` and `other` both ran, their mean Dice there, and `beside`'s mean (None
+    unless it ran on every one of those pairs)."""
+    pairs = [p for p in held if (p, name) in dice and (p, other) in dice]
+    if not pairs:
+        return [], math.nan, math.nan, None
+    first, second = (float(np.mean([dice[(p, m)] for p in pairs])) for m in (name, other))
+    extra = [dice[(p, beside)] for p in pairs if (p, beside) in dice]
+    return pairs, first, second, float(np.mean(extra)) if len(extra) == len(pairs) else None
+
+
+def _mean_or_dash(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 SAME_DICE = 0.005
@@ -296,29 +310,28 @@ def seed_markdown(ok: list[dict[str, Any]], info: dict[str, Any], methods: list[
     """Each network as the refinement's seed: `NAME@balanced-half` (half the deformable steps) against
     `optimise@balanced` (all of them, from the identity) on the network's held-out pairs on which both ran, with
     `optimise@balanced-half` beside it; the verdict: the same final accuracy (within `SAME_DICE`) or not."""
-    reference, suffix = "optimise@balanced", f"@{HALF_STEPS}"
-    seeds = [m for m in methods if m.endswith(suffix) and not m.startswith("optimise@")]
+    reference, alone = f"{OPTIMISE}@balanced", f"{OPTIMISE}@{HALF_STEPS}"
+    seeds = [m for m in methods if m.endswith(f"@{HALF_STEPS}") and m != alone]
     if not seeds:
         return []
     held = info.get("held_out") or {}
     dice = {(r["pair"], r["method"]): r["dice"] for r in ok}
     lines = ["### Networks as the refinement's seed: half the steps against all of them from the identity "
              "(held-out pairs of the network)", "",
-             f"| seeded, half the steps | pairs | its Dice | {reference} | Δ | optimise{suffix} | verdict |",
+             f"| seeded, half the steps | pairs | its Dice | {reference} | Δ | {alone} | verdict |",
              "|---|---|---|---|---|---|---|"]
     for name in seeds:
-        pairs = [p for p in held.get(name, []) if (p, name) in dice and (p, reference) in dice]
+        pairs, seeded, full, identity_half = _held_out_means(dice, held.get(name, []), name, reference, alone)
         if not pairs:
             lines.append(f"| {name} | 0 | – | – | – | – | no held-out pair on which both ran |")
             continue
-        seeded, full = (float(np.mean([dice[(p, m)] for p in pairs])) for m in (name, reference))
-        half = [dice[(p, f"optimise{suffix}")] for p in pairs if (p, f"optimise{suffix}") in dice]
-        alone = f"{np.mean(half):.3f}" if len(half) == len(pairs) else "–"
-        verdict = "same accuracy, half the steps" if seeded >= full - SAME_DICE else "below"
-        if seeded >= full - SAME_DICE and len(half) == len(pairs) and np.mean(half) >= full - SAME_DICE:
-            verdict += " (so does the identity: these pairs do not tell)"
-        lines.append(f"| {name} | {len(pairs)} | {seeded:.3f} | {full:.3f} | {seeded - full:+.3f} | {alone} | "
-                     f"{verdict} |")
+        verdict = "below"
+        if seeded >= full - SAME_DICE:
+            verdict = "same accuracy, half the steps"
+            if identity_half is not None and identity_half >= full - SAME_DICE:
+                verdict += " (so does the identity: these pairs do not tell)"
+        lines.append(f"| {name} | {len(pairs)} | {seeded:.3f} | {full:.3f} | {seeded - full:+.3f} | "
+                     f"{_mean_or_dash(identity_half)} | {verdict} |")
     return lines + [""]
 
 
