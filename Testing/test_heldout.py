@@ -220,3 +220,19 @@ def test_a_resumed_run_refuses_records_made_with_another_candidate_file(tmp_path
     _check_same_methods([m.to_dict() for m in before], before, tmp_path)
     with pytest.raises(InputError, match="cannot resume: voxelmorph\\[candidate\\] ran with other settings"):
         _check_same_methods([m.to_dict() for m in before], after, tmp_path)
+
+
+def test_a_candidate_file_is_hashed_once_per_version(tmp_path, monkeypatch):
+    """The three presets of one candidate read its sha256 once; a file rewritten in place is hashed again."""
+    import benchmark.methods as bm
+    from DeepRegistrationLib.methods.models import sha256_of
+
+    path = _candidate(tmp_path, {})
+    calls = []
+    monkeypatch.setattr(bm, "sha256_of", lambda p: calls.append(p) or sha256_of(p))
+    names = ["voxelmorph[candidate]", "voxelmorph[candidate]@balanced", "voxelmorph[candidate]@balanced-half"]
+    first = available_methods(load_manifest(), names, {"voxelmorph": path})
+    assert len(calls) == 1 and {m.settings["weights_sha256"] for m in first} == {sha256_of(path)}
+    path.write_bytes(path.read_bytes() + b" ")
+    second = available_methods(load_manifest(), names[:1], {"voxelmorph": path})
+    assert len(calls) == 2 and second[0].settings["weights_sha256"] == sha256_of(path)

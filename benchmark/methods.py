@@ -3,6 +3,7 @@ tools the manifest configures. Each produces a forward `DisplacementField` on th
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import tempfile
@@ -68,6 +69,12 @@ def half_step_iterations() -> list[int]:
     return [math.ceil(n / 2) for n in PRESETS["balanced"].iterations]
 
 
+@functools.lru_cache(maxsize=None)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    """`sha256_of(path)`, read once per version of the file (a candidate runs under several presets)."""
+    return sha256_of(path)
+
+
 def network_method(name: str, preset: str = "fast", weights: str | Path | None = None) -> Method:
     """A registry method run by the engine with `preset` (or `HALF_STEPS`) and its shipped model, or the candidate
     model `weights`; named `<method>` (`<method>[candidate]`) for fast, with `@<preset>` appended else."""
@@ -77,7 +84,9 @@ def network_method(name: str, preset: str = "fast", weights: str | Path | None =
     if preset == HALF_STEPS:
         settings.update(preset="balanced", refinement={"iterations": half_step_iterations()})
     if weights:
-        settings.update(weights=str(Path(weights).resolve()), weights_sha256=sha256_of(weights))
+        path = Path(weights).resolve()
+        stat = path.stat()
+        settings.update(weights=str(path), weights_sha256=_file_sha256(str(path), stat.st_mtime_ns, stat.st_size))
     return Method(base if preset == "fast" else f"{base}@{preset}", "network", spec.modality == "mono", settings)
 
 
