@@ -793,9 +793,11 @@ def normalise(message: str, e: Env, slug: str) -> str:
 
 
 def _stage_interrupt(e: Env) -> tuple[int, str]:
-    """SIGINT delivered to this process in each stage: one line, exit 130, nothing left, handlers restored."""
+    """SIGINT delivered to this process in each stage: one line, exit 130, nothing left, handlers restored (to
+    what they were before the run: Python's default, or SIG_IGN where the test runner started in the background)."""
     stages = ("preprocessing", "affine", "network", "refinement", "export", "metrics", "writing outputs")
     original_call = cli._Progress.__call__
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for sig, targets in ((signal.SIGINT, stages), (signal.SIGTERM, ("network", "writing outputs"))):
         for stage in targets:
             e.start(f"interrupt-{sig.name}-{stage.replace(' ', '-')}")
@@ -813,7 +815,7 @@ def _stage_interrupt(e: Env) -> tuple[int, str]:
             assert code == failures.EXIT_SIGNAL[sig.name], (stage, code, stderr)
             assert stderr.strip() == f"deepregistration: interrupted by {sig.name}", stderr
             assert not e.out.exists() and not list(e.case_dir.glob(".*staging")), stage
-            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert {s: signal.getsignal(s) for s in handlers} == handlers, stage
     return 130, "deepregistration: interrupted by SIGINT (SIGTERM: exit 143, 'interrupted by SIGTERM')"
 
 
