@@ -103,6 +103,21 @@ def test_dice_term_where_labels_exist(tmp_path):
     assert "dice" not in t.loss_terms(output, unlabelled, {})
 
 
+def test_dice_term_starts_at_dice_from(tmp_path):
+    t = Trainer(Recipe.from_dict({**VM, "dice_weight": 0.5, "dice_from": 4}), tmp_path, "cpu")
+    item = t.train_set[0]
+    batch = {k: v[None] for k, v in item.items()}
+    output = t.network(batch["fixed"], batch["moving"])
+    seen = {}
+    for t.iteration in (0, 3, 4, 7):
+        seen[t.iteration] = "dice" in t.loss_terms(output, batch, {})
+    assert seen == {0: False, 3: False, 4: True, 7: True}
+    with pytest.raises(InputError, match="dice_from needs a dice_weight"):
+        Recipe.from_dict({**VM, "dice_from": 4})
+    with pytest.raises(InputError, match="is not before the run's end"):
+        Recipe.from_dict({**VM, "dice_weight": 0.5, "dice_from": 8})
+
+
 @pytest.mark.parametrize("method", sorted(network_names()))
 def test_cpu_recipes_change_the_paper_recipe_only_as_documented(method):
     paper, cpu = load_recipe(method), load_recipe(f"{method}_cpu")

@@ -152,6 +152,13 @@ def test_loss_terms_follow_eq5():
     torch.testing.assert_close(terms["total"], terms["affine"] + terms["similarity"] + terms["anatomical"]
                                + 1000.0 * terms["smoothness"])
     torch.testing.assert_close(unlabelled["total"], terms["total"] - terms["anatomical"])
+    net.config.anat_weight = 0.25
+    weighted = net.loss(out, {"fixed": fixed, "moving": moving, "fixed_labels": labels, "moving_labels": moving_labels})
+    torch.testing.assert_close(weighted["total"], unlabelled["total"] + 0.25 * terms["anatomical"])
+    net.config.anat_weight = 0.0
+    images_only = net.loss(out, {"fixed": fixed, "moving": moving, "fixed_labels": labels, "moving_labels": moving_labels})
+    assert "anatomical" not in images_only
+    torch.testing.assert_close(images_only["total"], unlabelled["total"])
 
 
 def test_gradients_reach_every_parameter():

@@ -85,6 +85,7 @@ class Recipe:
     lr_min: float = 0.0  # the cosine schedule's final rate
     warm_start_iterations: int = 0  # the first N updates minimise the end-point error to the true field
     dice_weight: float = 0.0  # + weight × soft Dice loss of the warped labels, wherever a pair has labels
+    dice_from: int = 0  # the Dice term is added from this iteration on (after the plateau; 0: from the start)
     output_init_std: float | None = None  # N(0, std) for the velocity output layers (None: the paper's init)
     new_level_init: str = "paper"  # "zero": a pyramid level starts with a zero output layer (the coarser result)
     schedule: str = "plain"
@@ -133,8 +134,12 @@ class Recipe:
             raise InputError(f"unknown lr_schedule {self.lr_schedule!r}; use one of {', '.join(LR_SCHEDULES)}")
         if self.new_level_init not in ("paper", "zero"):
             raise InputError("new_level_init must be 'paper' or 'zero'")
-        if min(self.warmup_iterations, self.warm_start_iterations) < 0 or self.dice_weight < 0:
-            raise InputError("warmup_iterations, warm_start_iterations and dice_weight must be ≥ 0")
+        if min(self.warmup_iterations, self.warm_start_iterations, self.dice_from) < 0 or self.dice_weight < 0:
+            raise InputError("warmup_iterations, warm_start_iterations, dice_weight and dice_from must be ≥ 0")
+        if self.dice_from and not self.dice_weight:
+            raise InputError("dice_from needs a dice_weight > 0 (the term it delays)")
+        if self.dice_from >= self.iterations:
+            raise InputError(f"dice_from {self.dice_from} is not before the run's end ({self.iterations} iterations)")
         if self.warm_start_iterations and self.data.kind == "folder":
             raise InputError("warm_start_iterations needs synthetic pairs with a known field, not data kind 'folder'")
         if self.schedule == "progressive" and not self.stages:

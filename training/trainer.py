@@ -244,14 +244,14 @@ class Trainer:
 
     def loss_terms(self, output, batch: dict[str, torch.Tensor], stage: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The paper's loss, or during the warm start the end-point error to the true field; plus the labels'
-        Dice term (`dice_weight`) on registration updates of pairs with labels."""
+        Dice term (`dice_weight`, from iteration `dice_from` on) on registration updates of pairs with labels."""
         r = self.recipe
         registration = stage.get("stage", "registration") == "registration"
         if registration and self.iteration < r.warm_start_iterations and "displacement" in batch:
             epe = efficient.end_point_error(output, batch, self.network.config.working_spacing)
             return {"epe_mm": epe, "total": epe}
         terms = self.network.loss(output, batch)
-        if registration and r.dice_weight > 0:
+        if registration and r.dice_weight > 0 and self.iteration >= r.dice_from:
             dice = efficient.label_dice_loss(output, batch)
             if dice is not None:
                 terms["dice"] = dice

@@ -40,6 +40,8 @@ class Config(MethodConfig):
     reg_weight: float = param(
         1000.0, "λ of Eq. 5 on the mean squared forward difference of the deformable displacement in normalised "
         "coordinates (2/(N−1) per voxel; see docs/methods/jad.md)", low=0.0, high=1e5)
+    anat_weight: float = param(1.0, "Weight of L_anat in Eq. 5 (the paper: 1); 0 trains on the images alone",
+                               low=0.0, high=100.0)
     ncc_window: int = param(9, "n of Eq. 2: side of the local cross-correlation window, voxels", low=3, high=21)
     leaky_slope: float = param(0.01, "Negative slope of every LeakyReLU (Maas et al., the paper's ref. 28)",
                                low=0.0, high=1.0, paper=False)
@@ -224,11 +226,11 @@ class Network(RegistrationNetwork):
         if "fixed_labels" in batch and "moving_labels" in batch:
             labels = torch.cat([batch["fixed_labels"].flatten(), batch["moving_labels"].flatten()])
             values = [int(v) for v in torch.unique(labels) if v != 0]
-        if values:
+        if values and cfg.anat_weight > 0:
             moving_onehot = losses.one_hot(batch["moving_labels"], values)
             moving_onehot = warp.warp_image(moving_onehot, level["affine_displacement"], padding_mode="zeros")
             moving_onehot = warp.warp_image(moving_onehot, level["deformable"], padding_mode="zeros")
             terms["anatomical"] = losses.soft_dice_loss(moving_onehot, losses.one_hot(batch["fixed_labels"], values))
-            total = total + terms["anatomical"]
+            total = total + cfg.anat_weight * terms["anatomical"]
         terms["total"] = total
         return terms
