@@ -784,6 +784,7 @@ def normalise(message: str, e: Env, slug: str) -> str:
                   r"read as a displacement field) \(.*\)$", r"\1 (the reader's words)", text)
     text = re.sub(r"\b[0-9a-f]{12}…", "<sha256>…", text)
     text = re.sub(r"pid \d+", "pid N", text)
+    text = re.sub(r"CRC check failed 0x[0-9a-f]+ != 0x[0-9a-f]+", "CRC check failed <stored> != <computed>", text)
     text = re.sub(r"crash-[\d-]+\.log", "crash-<time>-<pid>.log", text)
     text = re.sub(r"\(signal \d+\)", "(signal N)", text)
     return text
