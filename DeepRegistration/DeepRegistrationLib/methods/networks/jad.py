@@ -223,10 +223,10 @@ class Network(RegistrationNetwork):
         }
         total = terms["affine"] + terms["similarity"] + cfg.reg_weight * terms["smoothness"]
         values = []
-        if "fixed_labels" in batch and "moving_labels" in batch:
+        if cfg.anat_weight > 0 and "fixed_labels" in batch and "moving_labels" in batch:
             labels = torch.cat([batch["fixed_labels"].flatten(), batch["moving_labels"].flatten()])
             values = [int(v) for v in torch.unique(labels) if v != 0]
-        if values and cfg.anat_weight > 0:
+        if values:
             moving_onehot = losses.one_hot(batch["moving_labels"], values)
             moving_onehot = warp.warp_image(moving_onehot, level["affine_displacement"], padding_mode="zeros")
             moving_onehot = warp.warp_image(moving_onehot, level["deformable"], padding_mode="zeros")
