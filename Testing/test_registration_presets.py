@@ -127,3 +127,37 @@ def test_a_network_start_reaches_the_refinement(pair, tmp_path):
         balanced = run(pair, method="lapirn", weights=weights, refinement=QUICK)
     assert dice(balanced) > dice(fast) + 0.05
     assert balanced.metrics.run.working_spacing_mm == 2.0
+
+
+@pytest.mark.parametrize("affine_stage", ["on", "off"])
+def test_a_network_affine_is_folded_into_the_refinement_start(pair, monkeypatch, affine_stage):
+    """A jad-like estimate p ↦ T·A(p + u) with A a 3 mm shift along R: when the refinement found its own affine T it
+    keeps T and starts its velocity from A's displacement (3 mm, constant); without an affine stage T·A stays the
+    affine and the velocity starts from u (zero here)."""
+    from DeepRegistrationLib.engine import registration
+    from DeepRegistrationLib.engine.transforms import Estimate, working_grid
+
+    shift = np.eye(4)
+    shift[0, 3] = 3.0
+    seen = {}
+
+    def fake_network(net, fixed_n, fixed_grid, moving_n, moving_grid, pre, device, *args):
+        grid = working_grid(fixed_grid, 4.0, 1)
+        seen["pre"] = pre
+        return Estimate(pre @ shift, grid, torch.zeros(1, 3, *grid.shape), has_affine=True), device
+
+    def fake_svf(fixed, fixed_grid, moving, moving_grid, affine_ras, settings, *, grid, initial_velocity, **kw):
+        seen["affine"], seen["initial"], seen["grid"] = affine_ras, initial_velocity, grid
+        return torch.zeros(1, 3, *grid.shape)
+
+    monkeypatch.setattr(registration, "network_estimate", fake_network)
+    monkeypatch.setattr(registration, "optimise_svf", fake_svf)
+    result = run(pair, method="jad", refinement={**QUICK, "affine": affine_stage})
+    initial_mm = seen["initial"][0, 0] * seen["grid"].spacing[0]  # the R component (RAS-aligned working grid)
+    if affine_stage == "on":
+        np.testing.assert_allclose(seen["affine"], seen["pre"])
+        np.testing.assert_allclose(initial_mm.numpy(), 3.0, atol=1e-4)
+    else:
+        np.testing.assert_allclose(seen["affine"], shift)
+        assert float(seen["initial"].abs().max()) == 0.0
+    assert result.affine_ras is not None  # jad has an affine part either way (affine.tfm)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..core.errors import Cancelled, InputError, recorded_warnings, warn
+from ..core.field import DisplacementField
 from ..core.geometry import Grid
 from ..core.image import Image
 from ..core.resample import normalize_intensity
@@ -34,7 +35,7 @@ from .refine_settings import RefineSettings, preset_settings
 from .resources import resolve_device
 from .roles import roles_swapped
 from .results import RegistrationResult, RunInfo
-from .transforms import Estimate, velocity_on, working_grid
+from .transforms import Estimate, compose_ras, velocity_on, working_grid
 
 Progress = Callable[[str, float], None]
 
@@ -233,12 +234,21 @@ def _refine(start: Estimate | None, pre: np.ndarray, settings: RefineSettings, f
             guidance: tuple[np.ndarray, np.ndarray] | None, masks: dict[str, np.ndarray | None], device: torch.device,
             progress: Progress, cancel: Callable[[], bool] | None) -> Estimate:
     """The refinement's stationary velocity on its finest level's grid, started from the network's estimate (its
-    velocity, or its displacement when it has none; its affine part stays in T)."""
+    velocity, or its displacement when it has none).
+
+    A network's own affine part A (jad: p ↦ pre·A(p + u)) is folded into the start when the refinement found its
+    affine `pre` itself: the seed is then the displacement of A(p + u) − p over `pre`, so the refinement can undo
+    an affine error of the network as well as a deformable one. Without an affine stage A stays in T."""
     grid = working_grid(fixed_grid, min(settings.levels_mm), 1)
     affine, initial = pre, None
     if start is not None:
-        affine = start.affine
         seed = start.velocity if start.velocity is not None else start.displacement
+        if start.has_affine and settings.affine != "off":
+            relative = np.linalg.inv(pre) @ start.affine
+            seed = compose_ras(DisplacementField.from_voxels(start.displacement, start.grid), relative,
+                               start.grid).to_voxels()
+        else:
+            affine = start.affine
         initial = velocity_on(seed, start.grid, grid)
     velocity = optimise_svf(fixed_n, fixed_grid, moving_n, moving_grid, affine, settings, multimodal=multimodal,
                             grid=grid, initial_velocity=initial, guidance=guidance, progress=progress,
