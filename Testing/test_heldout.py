@@ -11,7 +11,7 @@ from DeepRegistrationLib.core.errors import InputError
 from DeepRegistrationLib.methods.models import read_metadata
 from DeepRegistrationLib.methods.registry import METHODS
 from benchmark.heldout import held_out_for, held_out_pairs, model_hashes
-from benchmark.methods import available_methods, network_method
+from benchmark.methods import CANDIDATE, available_methods, network_method
 from benchmark.run import summary_markdown
 from benchmark.suite import SUITE_V1_PATH, load_manifest
 from training.provenance import data_manifest, leaks, training_hashes
@@ -236,3 +236,39 @@ def test_a_candidate_file_is_hashed_once_per_version(tmp_path, monkeypatch):
     path.write_bytes(path.read_bytes() + b" ")
     second = available_methods(load_manifest(), names[:1], {"voxelmorph": path})
     assert len(calls) == 2 and second[0].settings["weights_sha256"] == sha256_of(path)
+
+
+def test_a_balanced_candidate_row_is_judged_over_the_refinement_seeds_that_were_run():
+    """`NAME@balanced-seedK` runs balanced with refinement seed K; with seeds 1 and 2 beside the preset's own, the
+    candidate's `@balanced` row is the mean over pairs and seeds, and a candidate below by less than the shipped
+    model's seed-to-seed standard deviation ties."""
+    from DeepRegistrationLib.engine.refine_settings import preset_settings
+    from benchmark.methods import REFINE_SEEDS, SEEDED, network_options
+
+    assert REFINE_SEEDS == (1, 2)
+    (method,) = available_methods(load_manifest(), [f"lapirn@{SEEDED}2"])
+    options = network_options(method, ("mr", "mr"), "cpu", None)
+    assert options.preset == "balanced" and preset_settings(options.preset, options.refinement).seed == 2
+    shipped = {"": 0.950, "-seed1": 0.952, "-seed2": 0.948}  # per-seed means 0.950 ± 0.002
+    rows = [("kw_b", "identity", 0.6)]
+    rows += [("kw_b", f"lapirn@balanced{k}", d) for k, d in shipped.items()]
+    rows += [("kw_b", f"lapirn[candidate]@balanced{k}", d - 0.001) for k, d in shipped.items()]
+    records = [{"pair": p, "kind": "known_warp", "method": m, "error": "", "dice": d, "hd95": 1.0, "assd": 0.5,
+                "folding_pct": 0.0, "sdlogj": 0.1, "tre_mm": 1.0, "epe_mm": 1.0, "seconds": 1.0, "peak_mb": 10.0}
+               for p, m, d in rows]
+    info = {"held_out": {m: ["kw_b"] for _, m, _ in rows if CANDIDATE in m},
+            "resolution_mm": 2.0, "started": "", "finished": "",
+            "machine": {"cpu": "cpu", "cores": 2, "threads": 1, "versions": {}}}
+
+    def section(recs):
+        text = summary_markdown(recs, info)
+        return text[text.index("### Candidate models"):text.index("### Per pair")]
+
+    text = section(records)
+    assert ("| lapirn[candidate]@balanced | lapirn@balanced | 1 | 0.949 | 0.950 | -0.001 | 0.600 | tie (Δ -0.0010, "
+            "seed spread 0.0020, 3 seeds) |") in text
+    assert "seed1 |" not in text  # the seeded runs are folded into the @balanced row
+    worse = [{**r, "dice": r["dice"] - 0.004} if "[candidate]" in r["method"] else r for r in records]
+    assert "| does not beat (Δ -0.0050, seed spread 0.0020, 3 seeds) |" in section(worse)
+    alone = [r for r in records if "seed" not in r["method"]]
+    assert "| -0.001 | 0.600 | does not beat |" in section(alone)

@@ -62,6 +62,16 @@ deformable refinement's steps at each level. A network earns its place as the re
 `optimise@balanced` (every step, from the identity) with half the steps (`run.seed_markdown`)."""
 
 
+SEEDED = "balanced-seed"
+"""Pseudo-presets run only when named (`jad@balanced-seed1`, `jad[candidate]@balanced-seed2`): balanced with the
+refinement's `seed` K (its affine stage's sample draws) for K in `REFINE_SEEDS`. With them the candidate table
+judges `@balanced` over every seed both models ran, and a difference within the shipped model's seed-to-seed spread
+is a tie (`run.candidates_markdown`)."""
+
+REFINE_SEEDS = (1, 2)
+"""The refinement seeds besides the preset's own (0) that `SEEDED` methods run with."""
+
+
 def half_step_iterations() -> list[int]:
     """The balanced preset's deformable steps per level, halved (rounded up)."""
     from DeepRegistrationLib.engine.refine_settings import PRESETS
@@ -76,13 +86,16 @@ def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
 
 
 def network_method(name: str, preset: str = "fast", weights: str | Path | None = None) -> Method:
-    """A registry method run by the engine with `preset` (or `HALF_STEPS`) and its shipped model, or the candidate
-    model `weights`; named `<method>` (`<method>[candidate]`) for fast, with `@<preset>` appended else."""
+    """A registry method run by the engine with `preset` (or a pseudo-preset: `HALF_STEPS`, `SEEDED` + K) and its
+    shipped model, or the candidate model `weights`; named `<method>` (`<method>[candidate]`) for fast, with
+    `@<preset>` appended else."""
     spec = METHODS[name]
     base = f"{name}{CANDIDATE}" if weights else name
     settings: dict[str, Any] = {"method": name, "preset": preset}
     if preset == HALF_STEPS:
         settings.update(preset="balanced", refinement={"iterations": half_step_iterations()})
+    elif preset.startswith(SEEDED):
+        settings.update(preset="balanced", refinement={"seed": int(preset[len(SEEDED):])})
     if weights:
         path = Path(weights).resolve()
         stat = path.stat()
@@ -126,7 +139,7 @@ def available_methods(manifest: Manifest, names: list[str] | None = None,
     (`optimise@balanced`, `optimise@accurate`), and the manifest's classical methods.
 
     With `names`, exactly those (an unknown name, or a network without weights, is an InputError); those may also
-    be any of these with the `HALF_STEPS` pseudo-preset, which no default run includes.
+    be any of these with the `HALF_STEPS` or `SEEDED` pseudo-presets, which no default run includes.
     """
     known = {IDENTITY: Method(IDENTITY, "identity")}
     shipped = [n for n, spec in METHODS.items() if spec.is_network and spec.weights_path.is_file()]
@@ -137,9 +150,10 @@ def available_methods(manifest: Manifest, names: list[str] | None = None,
     known.update({n: Method(n, "classical", bool(s.get("monomodal_only")), s) for n, s in manifest.classical.items()})
     if not names:
         return list(known.values())
-    half = [network_method(n, HALF_STEPS) for n in [*shipped, OPTIMISE]]
-    half += [network_method(n, HALF_STEPS, w) for n, w in (candidates or {}).items()]
-    known.update({m.name: m for m in half})
+    pseudo = [HALF_STEPS, *(f"{SEEDED}{k}" for k in REFINE_SEEDS)]
+    named = [network_method(n, p) for n in [*shipped, OPTIMISE] for p in pseudo]
+    named += [network_method(n, p, w) for n, w in (candidates or {}).items() for p in pseudo]
+    known.update({m.name: m for m in named})
     for name in names:
         if name not in known:
             hint = " (no shipped weights)" if name in METHODS else ""
@@ -149,7 +163,7 @@ def available_methods(manifest: Manifest, names: list[str] | None = None,
 
 def network_options(method: Method, modalities: tuple[str, str], device: str, weights: str | None):
     """The `RegistrationOptions` a registry method runs with in the benchmark: its shipped (or given, or the
-    candidate's) model as is, its preset's refinement settings (with `HALF_STEPS`' halved steps)."""
+    candidate's) model as is, its preset's refinement settings (with `HALF_STEPS`' halved steps, `SEEDED`'s seed)."""
     from DeepRegistrationLib.engine.options import RegistrationOptions
 
     return RegistrationOptions(method=method.settings["method"], preset=method.settings["preset"],

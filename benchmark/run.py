@@ -27,7 +27,7 @@ from DeepRegistrationLib.core.field import read_itk_displacement
 from DeepRegistrationLib.methods.registry import OPTIMISE
 
 from .heldout import held_out_pairs
-from .methods import CANDIDATE, HALF_STEPS, Method, available_methods, shipped_name
+from .methods import CANDIDATE, HALF_STEPS, REFINE_SEEDS, SEEDED, Method, available_methods, shipped_name
 from .plots import structure_boxplots
 from .scoring import score
 from .suite import ANATOMY_DIR, CACHE_DIR, Manifest, load_pair, materialise
@@ -266,8 +266,9 @@ def held_out_markdown(ok: list[dict[str, Any]], info: dict[str, Any], methods: l
 
 def candidates_markdown(ok: list[dict[str, Any]], info: dict[str, Any], methods: list[str]) -> list[str]:
     """Each candidate model against the shipped model it would replace, same preset, on the pairs held out for the
-    candidate on which both ran: mean Dice of each, and whether the candidate beats it (the shipping rule)."""
-    candidates = [m for m in methods if CANDIDATE in m]
+    candidate on which both ran: mean Dice of each, and whether the candidate beats it (the shipping rule; a
+    `@balanced` row over the refinement seeds that were run, `_over_seeds`)."""
+    candidates = [m for m in methods if CANDIDATE in m and SEEDED not in m]
     if not candidates:
         return []
     held = info.get("held_out") or {}
@@ -281,9 +282,35 @@ def candidates_markdown(ok: list[dict[str, Any]], info: dict[str, Any], methods:
         if not pairs:
             lines.append(f"| {name} | {shipped} | 0 | – | – | – | – | no held-out pair on which both ran |")
             continue
+        verdict = "beats" if new > old else "does not beat"
+        if name.endswith("@balanced"):
+            new, old, verdict = _over_seeds(dice, pairs, name, shipped, new, old, verdict)
         lines.append(f"| {name} | {shipped} | {len(pairs)} | {new:.3f} | {old:.3f} | {new - old:+.3f} | "
-                     f"{_mean_or_dash(before)} | {'beats' if new > old else 'does not beat'} |")
+                     f"{_mean_or_dash(before)} | {verdict} |")
     return lines + [""]
+
+
+def _over_seeds(dice: dict[tuple[str, str], float], pairs: list[str], name: str, shipped: str, new: float,
+                old: float, verdict: str) -> tuple[float, float, str]:
+    """A `@balanced` candidate row over the refinement seeds (`SEEDED` methods) that both models ran on all of
+    `pairs`: the means over pairs and seeds, and a tie when the candidate is below by less than the standard
+    deviation of the shipped model's per-seed means. Unchanged with one seed."""
+    news, olds = [new], [old]
+    for k in REFINE_SEEDS:
+        a, b = f"{name}-seed{k}", f"{shipped}-seed{k}"
+        if all((p, a) in dice and (p, b) in dice for p in pairs):
+            news.append(float(np.mean([dice[(p, a)] for p in pairs])))
+            olds.append(float(np.mean([dice[(p, b)] for p in pairs])))
+    if len(olds) == 1:
+        return new, old, verdict
+    new, old, spread = float(np.mean(news)), float(np.mean(olds)), float(np.std(olds, ddof=1))
+    if new > old:
+        verdict = "beats"
+    elif new >= old - spread:
+        verdict = "tie"
+    else:
+        verdict = "does not beat"
+    return new, old, f"{verdict} (Δ {new - old:+.4f}, seed spread {spread:.4f}, {len(olds)} seeds)"
 
 
 def _held_out_means(dice: dict[tuple[str, str], float], held: list[str], name: str, other: str, beside: str
