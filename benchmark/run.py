@@ -267,7 +267,7 @@ def held_out_markdown(ok: list[dict[str, Any]], info: dict[str, Any], methods: l
 def candidates_markdown(ok: list[dict[str, Any]], info: dict[str, Any], methods: list[str]) -> list[str]:
     """Each candidate model against the shipped model it would replace, same preset, on the pairs held out for the
     candidate on which both ran: mean Dice of each, and whether the candidate beats it (the shipping rule; a
-    `@balanced` row over the refinement seeds that were run, `_over_seeds`)."""
+    `@balanced` row over the refinement seeds that were run, `_seed_means`)."""
     candidates = [m for m in methods if CANDIDATE in m and SEEDED not in m]
     if not candidates:
         return []
@@ -282,35 +282,30 @@ def candidates_markdown(ok: list[dict[str, Any]], info: dict[str, Any], methods:
         if not pairs:
             lines.append(f"| {name} | {shipped} | 0 | – | – | – | – | no held-out pair on which both ran |")
             continue
+        news, olds = _seed_means(dice, pairs, name, shipped) if name.endswith("@balanced") else ([], [])
         verdict = "beats" if new > old else "does not beat"
-        if name.endswith("@balanced"):
-            new, old, verdict = _over_seeds(dice, pairs, name, shipped, new, old, verdict)
+        if news:  # the @balanced row over seeds 0 (the preset's own), then the seeds both ran
+            news, olds = [new, *news], [old, *olds]
+            new, old, spread = float(np.mean(news)), float(np.mean(olds)), float(np.std(olds, ddof=1))
+            verdict = "beats" if new > old else "tie" if new >= old - spread else "does not beat"
+            verdict += f" (Δ {new - old:+.4f}, seed spread {spread:.4f}, {len(olds)} seeds)"
         lines.append(f"| {name} | {shipped} | {len(pairs)} | {new:.3f} | {old:.3f} | {new - old:+.3f} | "
                      f"{_mean_or_dash(before)} | {verdict} |")
     return lines + [""]
 
 
-def _over_seeds(dice: dict[tuple[str, str], float], pairs: list[str], name: str, shipped: str, new: float,
-                old: float, verdict: str) -> tuple[float, float, str]:
-    """A `@balanced` candidate row over the refinement seeds (`SEEDED` methods) that both models ran on all of
-    `pairs`: the means over pairs and seeds, and a tie when the candidate is below by less than the standard
-    deviation of the shipped model's per-seed means. Unchanged with one seed."""
-    news, olds = [new], [old]
+def _seed_means(dice: dict[tuple[str, str], float], pairs: list[str], name: str, shipped: str
+                ) -> tuple[list[float], list[float]]:
+    """Mean Dice over `pairs` of the `@balanced` candidate `name` and of `shipped` for each refinement seed of
+    `REFINE_SEEDS` (`SEEDED` methods) that both ran on all of them. The candidate table calls a candidate below by
+    less than the standard deviation of the shipped model's per-seed means a tie."""
+    news, olds = [], []
     for k in REFINE_SEEDS:
         a, b = f"{name}-seed{k}", f"{shipped}-seed{k}"
         if all((p, a) in dice and (p, b) in dice for p in pairs):
             news.append(float(np.mean([dice[(p, a)] for p in pairs])))
             olds.append(float(np.mean([dice[(p, b)] for p in pairs])))
-    if len(olds) == 1:
-        return new, old, verdict
-    new, old, spread = float(np.mean(news)), float(np.mean(olds)), float(np.std(olds, ddof=1))
-    if new > old:
-        verdict = "beats"
-    elif new >= old - spread:
-        verdict = "tie"
-    else:
-        verdict = "does not beat"
-    return new, old, f"{verdict} (Δ {new - old:+.4f}, seed spread {spread:.4f}, {len(olds)} seeds)"
+    return news, olds
 
 
 def _held_out_means(dice: dict[tuple[str, str], float], held: list[str], name: str, other: str, beside: str
