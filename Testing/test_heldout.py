@@ -203,10 +203,32 @@ def test_summary_says_whether_a_candidate_beats_the_shipped_model_on_its_held_ou
             "machine": {"cpu": "cpu", "cores": 2, "threads": 1, "versions": {}}}
     text = summary_markdown(records, info)
     section = text[text.index("### Candidate models"):text.index("### Per pair")]
-    assert "| lapirn[candidate] | lapirn | 1 | 0.900 | 0.700 | +0.200 | 0.600 | beats |" in section
+    assert ("| lapirn[candidate] | lapirn | 1 | 0.900 | 0.700 | +0.200 | 0.600 | beats (the shipped model trained on "
+            "this anatomy) |") in section
     assert "| lapirn[candidate]@balanced | lapirn@balanced | 1 | 0.940 | 0.950 | -0.010 | 0.600 | does not beat |" \
         in section
     assert "### Candidate models" not in summary_markdown(records[:2], info)
+
+
+@pytest.mark.parametrize("shipped_held, candidate, verdict", [
+    (["kw_b"], 0.64, "does not beat"),
+    ([], 0.64, "replaces: the shipped model trained on this anatomy, so it has no held-out row; the candidate meets "
+               "identity + 0.03"),
+    ([], 0.62, "does not beat: the shipped model trained on this anatomy, so it has no held-out row; the candidate "
+               "misses identity + 0.03")])
+def test_a_fast_candidate_is_judged_by_the_identity_target_where_the_shipped_model_saw_the_anatomy(
+        shipped_held, candidate, verdict):
+    """A shipped model that trained on the anatomy of the candidate's held-out pairs scores memory there: a `fast`
+    candidate below it replaces it if it is identity + 0.03 or better; against a held-out shipped model the plain
+    comparison stands."""
+    rows = [("kw_b", "identity", 0.6), ("kw_b", "mmln", 0.7), ("kw_b", "mmln[candidate]", candidate)]
+    records = [{"pair": p, "kind": "known_warp", "method": m, "error": "", "dice": d, "hd95": 1.0, "assd": 0.5,
+                "folding_pct": 0.0, "sdlogj": 0.1, "tre_mm": 1.0, "epe_mm": 1.0, "seconds": 1.0, "peak_mb": 10.0}
+               for p, m, d in rows]
+    info = {"held_out": {"mmln": shipped_held, "mmln[candidate]": ["kw_b"]}, "resolution_mm": 2.0, "started": "",
+            "finished": "", "machine": {"cpu": "cpu", "cores": 2, "threads": 1, "versions": {}}}
+    text = summary_markdown(records, info)
+    assert f"| 0.600 | {verdict} |" in text[text.index("### Candidate models"):text.index("### Per pair")]
 
 
 def test_a_resumed_run_refuses_records_made_with_another_candidate_file(tmp_path):
