@@ -229,6 +229,10 @@ def test_a_fast_candidate_is_judged_by_the_identity_target_where_the_shipped_mod
             "finished": "", "machine": {"cpu": "cpu", "cores": 2, "threads": 1, "versions": {}}}
     text = summary_markdown(records, info)
     assert f"| 0.600 | {verdict} |" in text[text.index("### Candidate models"):text.index("### Per pair")]
+    if not shipped_held:  # without the identity's row there is nothing to judge the candidate by
+        text = summary_markdown(records[1:], info)
+        assert "| – | does not beat: the shipped model trained on this anatomy, so it has no held-out row; run " \
+            "identity to judge the candidate by identity + 0.03 |" in text
 
 
 def test_a_resumed_run_refuses_records_made_with_another_candidate_file(tmp_path):

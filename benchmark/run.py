@@ -284,9 +284,8 @@ def candidates_markdown(ok: list[dict[str, Any]], info: dict[str, Any], methods:
             lines.append(f"| {name} | {shipped} | 0 | – | – | – | – | no held-out pair on which both ran |")
             continue
         news, olds = _seed_means(dice, pairs, name, shipped) if name.endswith("@balanced") else ([], [])
-        verdict = "beats" if new > old else "does not beat"
-        if CANDIDATE + "@" not in name and not set(pairs) <= set(held.get(shipped, [])):
-            verdict = _against_memory(new, old, before)
+        saw = CANDIDATE + "@" not in name and not set(pairs) <= set(held.get(shipped, []))  # fast, shipped saw them
+        verdict = _against_memory(new, old, before) if saw else "beats" if new > old else "does not beat"
         if news:  # the @balanced row over seeds 0 (the preset's own), then the seeds both ran
             news, olds = [new, *news], [old, *olds]
             new, old, spread = float(np.mean(news)), float(np.mean(olds)), float(np.std(olds, ddof=1))
@@ -307,9 +306,12 @@ def _against_memory(new: float, old: float, identity: float | None) -> str:
     `ABOVE_IDENTITY` target on anatomy it never saw."""
     if new > old:
         return "beats (the shipped model trained on this anatomy)"
-    meets = identity is not None and new >= identity + ABOVE_IDENTITY
-    return (f"{'replaces' if meets else 'does not beat'}: the shipped model trained on this anatomy, so it has no "
-            f"held-out row; the candidate {'meets' if meets else 'misses'} identity + {ABOVE_IDENTITY:g}")
+    why = "the shipped model trained on this anatomy, so it has no held-out row"
+    if identity is None:
+        return f"does not beat: {why}; run identity to judge the candidate by identity + {ABOVE_IDENTITY:g}"
+    meets = new >= identity + ABOVE_IDENTITY
+    return (f"{'replaces' if meets else 'does not beat'}: {why}; the candidate {'meets' if meets else 'misses'} "
+            f"identity + {ABOVE_IDENTITY:g}")
 
 
 def _seed_means(dice: dict[tuple[str, str], float], pairs: list[str], name: str, shipped: str
