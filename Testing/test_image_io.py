@@ -70,13 +70,26 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ct_map_keeps_the_brain_contrast_visible():
+    """Grey (40 HU) against white matter (27 HU) and CSF (8 HU) stay apart by more than CT noise after the map
+    (a linear [-1000, 2000] window leaves them 0.004 apart), while air and bone stay at the ends."""
+    csf, wm, gm, air, bone = normalize_intensity(np.array([8.0, 27.0, 40.0, -1000.0, 1200.0]), "ct")
+    assert gm - wm > 0.05 and wm - csf > 0.05
+    assert air == 0.0 and bone > 0.85
+
+
+def test_constant_ct_cannot_be_normalised():
+    with pytest.raises(InputError, match="ct.nii: image is constant"):
+        normalize_intensity(np.full((4, 4, 4), 40.0), "ct", "ct.nii")
+
+
 def test_constant_image_cannot_be_normalised():
     with pytest.raises(InputError, match="fixed.nii: image is constant"):
         normalize_intensity(np.ones((4, 4, 4)), "mr", "fixed.nii")
 
 
 def test_normalisation_ranges():
-    ct = normalize_intensity(np.array([-2000.0, -1000.0, 500.0, 3000.0]), "ct")
-    assert np.allclose(ct, [0.0, 0.0, 0.5, 1.0])
+    ct = normalize_intensity(np.array([-2000.0, -1000.0, 0.0, 100.0, 1050.0, 3000.0]), "ct")
+    assert np.allclose(ct, [0.0, 0.0, 0.2, 0.8, 0.9, 1.0])
     mr = normalize_intensity(np.linspace(0, 100, 1001), "mr")
     assert mr.min() == 0.0 and mr.max() == 1.0

@@ -3,7 +3,8 @@
 The pairs are built by the benchmark suite's own generator (`benchmark.suite.materialise`) with seeds
 9001+ that the suite (seeds 101–612) does not use, from ICBM152 and fsaverage only (Colin27 is held out, and the
 cross-subject ICBM152 ↔ fsaverage pair is a benchmark pair, so no cross-subject pair is used):
-known warps with an affine part (6–10 mm), multimodal T1–CT and T1–T2 known warps, and large misalignments
+known warps with an affine part (6–10 mm), multimodal T1–CT and T1–T2 known warps, whole-head CT–T1 known warps
+of fsaverage with its skull (CT fixed or moving, `FSAVERAGE_HEAD`), and large misalignments
 (a known warp whose moving image is moved by a rigid 20–40 mm / 10–20° transform, by changing its grid only).
 
 Each (pair, configuration) runs `optimise_affine` then `optimise_svf` from the identity, as `engine.register` would
@@ -57,8 +58,22 @@ PAIRS = {
                        magnitude_mm=6.0, affine=True, moving_contrast="ct", boundary_landmarks=4),
     "mm_t2_9202": dict(kind="multimodal", subject="icbm152_2009a", label_set="tissue", seed=9202,
                        magnitude_mm=6.0, affine=True, moving_contrast="t2", boundary_landmarks=4),
+    "hct_fsav_9401": dict(kind="head_ct", subject="fsaverage_head", label_set="tissue", ct_role="fixed",
+                          seed=9401, magnitude_mm=8.0, boundary_landmarks=10),
+    "hct_fsav_9402": dict(kind="head_ct", subject="fsaverage_head", label_set="tissue", ct_role="fixed",
+                          seed=9402, magnitude_mm=8.0, affine=True, boundary_landmarks=10),
+    "hct_fsav_9411": dict(kind="head_ct", subject="fsaverage_head", label_set="tissue", ct_role="moving",
+                          seed=9411, magnitude_mm=8.0, boundary_landmarks=10),
+    "hct_fsav_9412": dict(kind="head_ct", subject="fsaverage_head", label_set="tissue", ct_role="moving",
+                          seed=9412, magnitude_mm=8.0, affine=True, boundary_landmarks=10),
 }
 """Training pairs: `suite.PairSpec` fields (seeds 9001+, never the suite's 101–612; no Colin27)."""
+
+FSAVERAGE_HEAD = {"image": "fsaverage/brain.nii.gz", "labels": "fsaverage/aseg.nii.gz",
+                  "head_image": "fsaverage/T1.nii.gz", "tissue_from_intensity": True,
+                  "structures": {"csf": [1], "gray_matter": [2], "white_matter": [3]}}
+"""fsaverage with its skull (the subject `macjnet_cpu` trains on), for head-CT pairs as the suite's `colin27_head`
+builds them (tissue from k-means of the skull-stripped T1); the suite itself has no fsaverage head pairs."""
 
 MISALIGNED = {
     "big_icbm_9301": ("kw_icbm_9001", (30.0, -20.0, 10.0), (15.0, 0.0, 5.0)),
@@ -69,6 +84,7 @@ MISALIGNED = {
 
 GROUPS = {"known_warp": ["kw_icbm_9001", "kw_icbm_9002", "kw_fsav_9003", "kw_fsav_9004"],
           "multimodal": ["mm_ct_9101", "mm_t2_9201", "mm_ct_9102", "mm_t2_9202"],
+          "head_ct": ["hct_fsav_9401", "hct_fsav_9402", "hct_fsav_9411", "hct_fsav_9412"],
           "misaligned": list(MISALIGNED)}
 
 ROUND1 = dict(image_sigma=0.0, lncc_window=9, regulariser_weight=3.0, iterations=(60, 15), lr=0.5,
@@ -124,7 +140,7 @@ class TuningPair:
     moving_labels: Image
     brain: np.ndarray
     multimodal: bool
-    moving_modality: str  # "mr" or "ct", for `normalize_intensity`
+    modalities: tuple[str, str]  # (fixed, moving): "mr" or "ct", for `normalize_intensity`
     truth_affine: np.ndarray  # the extra rigid motion of the moving image (identity unless misaligned)
 
 
@@ -142,6 +158,7 @@ def rigid(translation_mm, rotation_deg, centre) -> np.ndarray:
 
 def load(name: str, anatomy: Path, cache: Path) -> TuningPair:
     manifest = suite.load_manifest()
+    manifest.subjects["fsaverage_head"] = FSAVERAGE_HEAD
     if name in MISALIGNED:
         base_name, translation, rotation = MISALIGNED[name]
         base = load(base_name, anatomy, cache)
@@ -156,7 +173,7 @@ def load(name: str, anatomy: Path, cache: Path) -> TuningPair:
     directory = suite.materialise(manifest, spec, anatomy_dir=anatomy, cache_dir=cache)
     pair = suite.load_pair(directory)
     return TuningPair(name, pair.fixed, pair.moving, pair.fixed_labels, pair.moving_labels, pair.fixed_mask,
-                      spec.multimodal, spec.modalities[1], np.eye(4))
+                      spec.multimodal, spec.modalities, np.eye(4))
 
 
 def complete_field(velocity: torch.Tensor, grid: Grid, transform: np.ndarray, steps: int,
@@ -170,8 +187,8 @@ def complete_field(velocity: torch.Tensor, grid: Grid, transform: np.ndarray, st
 
 def run(pair: TuningPair, settings: RefineSettings) -> dict:
     # As the engine does: both images to [0, 1] (the CT-like moving images are in HU).
-    fixed = normalize_intensity(pair.fixed.data, "mr", pair.fixed.source)
-    moving = normalize_intensity(pair.moving.data, pair.moving_modality, pair.moving.source)
+    fixed = normalize_intensity(pair.fixed.data, pair.modalities[0], pair.fixed.source)
+    moving = normalize_intensity(pair.moving.data, pair.modalities[1], pair.moving.source)
     start = time.perf_counter()
     transform = refine.optimise_affine(fixed, pair.fixed.grid, moving, pair.moving.grid, settings,
                                        multimodal=pair.multimodal)

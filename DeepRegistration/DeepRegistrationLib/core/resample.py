@@ -75,16 +75,22 @@ def resample_image(image: Image, target: Grid, *, order: int = 1, fill: float = 
     return Image(resample_array(image.data, image.grid, target, order=order, fill=fill), target, image.source)
 
 
+CT_HU_KNOTS: tuple[tuple[float, float], ...] = ((-1000.0, 0.0), (0.0, 0.2), (100.0, 0.8), (2000.0, 1.0))
+"""(HU, normalised value) knots of the CT map: piecewise linear, flat outside. 0–100 HU (CSF, grey and white
+matter, soft tissue) take 60 % of the range, so the brain's 10–40 HU contrasts stay visible to the descriptors
+beside air and bone (a linear [−1000, 2000] window leaves grey against white matter 0.003 apart)."""
+
+
 def normalize_intensity(data: np.ndarray, modality: str, source: str = "<memory>") -> np.ndarray:
     """Map intensities to [0, 1] float32.
 
     "mr": linear between the 0.5th and 99.5th percentiles of the non-zero voxels, clipped.
-    "ct": Hounsfield window [−1000, 2000] HU, clipped (air 0, brain ≈ 0.35, dense bone 1).
+    "ct": HU through `CT_HU_KNOTS` (air 0, water 0.2, brain ≈ 0.35–0.47, 100 HU 0.8, dense bone 1).
     A constant image is an InputError naming `source`.
     """
     data = np.asarray(data, dtype=np.float32)
     if modality == "ct":
-        low, high = -1000.0, 2000.0
+        low, high = float(data.min()), float(data.max())
     elif modality == "mr":
         values = data[data != 0] if np.any(data != 0) else data
         low, high = np.percentile(values, [0.5, 99.5])
@@ -92,4 +98,7 @@ def normalize_intensity(data: np.ndarray, modality: str, source: str = "<memory>
         raise InputError(f"unknown modality {modality!r}; use 'mr' or 'ct'")
     if not high > low:
         raise InputError(f"{source}: image is constant (intensity range {low}..{high}); nothing to register")
+    if modality == "ct":
+        hu, value = zip(*CT_HU_KNOTS)
+        return np.interp(data, hu, value).astype(np.float32)
     return np.clip((data - low) / (high - low), 0.0, 1.0).astype(np.float32)
