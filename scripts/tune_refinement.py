@@ -186,7 +186,7 @@ def complete_field(velocity: torch.Tensor, grid: Grid, transform: np.ndarray, st
 
 
 def run(pair: TuningPair, settings: RefineSettings) -> dict:
-    # As the engine does: both images to [0, 1] (the CT-like moving images are in HU).
+    # As the engine does: both images to [0, 1] (CT images, fixed or moving, are in HU).
     fixed = normalize_intensity(pair.fixed.data, pair.modalities[0], pair.fixed.source)
     moving = normalize_intensity(pair.moving.data, pair.modalities[1], pair.moving.source)
     start = time.perf_counter()

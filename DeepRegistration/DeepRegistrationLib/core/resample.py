@@ -78,7 +78,7 @@ def resample_image(image: Image, target: Grid, *, order: int = 1, fill: float = 
 CT_HU_KNOTS: tuple[tuple[float, float], ...] = ((-1000.0, 0.0), (0.0, 0.2), (100.0, 0.8), (2000.0, 1.0))
 """(HU, normalised value) knots of the CT map: piecewise linear, flat outside. 0–100 HU (CSF, grey and white
 matter, soft tissue) take 60 % of the range, so the brain's 10–40 HU contrasts stay visible to the descriptors
-beside air and bone (a linear [−1000, 2000] window leaves grey against white matter 0.003 apart)."""
+beside air and bone (a linear [−1000, 2000] window leaves grey against white matter 0.004 apart)."""
 
 
 def normalize_intensity(data: np.ndarray, modality: str, source: str = "<memory>") -> np.ndarray:
