@@ -66,6 +66,14 @@ PAIRS = {
                           seed=9411, magnitude_mm=8.0, boundary_landmarks=10),
     "hct_fsav_9412": dict(kind="head_ct", subject="fsaverage_head", label_set="tissue", ct_role="moving",
                           seed=9412, magnitude_mm=8.0, affine=True, boundary_landmarks=10),
+    "hct_fsav_9403": dict(kind="head_ct", subject="fsaverage_head", label_set="tissue", ct_role="fixed",
+                          seed=9403, magnitude_mm=10.0, boundary_landmarks=10),
+    "hct_fsav_9404": dict(kind="head_ct", subject="fsaverage_head", label_set="tissue", ct_role="fixed",
+                          seed=9404, magnitude_mm=10.0, affine=True, boundary_landmarks=10),
+    "hct_fsav_9413": dict(kind="head_ct", subject="fsaverage_head", label_set="tissue", ct_role="moving",
+                          seed=9413, magnitude_mm=10.0, boundary_landmarks=10),
+    "hct_fsav_9414": dict(kind="head_ct", subject="fsaverage_head", label_set="tissue", ct_role="moving",
+                          seed=9414, magnitude_mm=10.0, affine=True, boundary_landmarks=10),
 }
 """Training pairs: `suite.PairSpec` fields (seeds 9001+, never the suite's 101–612; no Colin27)."""
 
@@ -85,6 +93,7 @@ MISALIGNED = {
 GROUPS = {"known_warp": ["kw_icbm_9001", "kw_icbm_9002", "kw_fsav_9003", "kw_fsav_9004"],
           "multimodal": ["mm_ct_9101", "mm_t2_9201", "mm_ct_9102", "mm_t2_9202"],
           "head_ct": ["hct_fsav_9401", "hct_fsav_9402", "hct_fsav_9411", "hct_fsav_9412"],
+          "head_ct_more": ["hct_fsav_9403", "hct_fsav_9404", "hct_fsav_9413", "hct_fsav_9414"],
           "misaligned": list(MISALIGNED)}
 
 ROUND1 = dict(image_sigma=0.0, lncc_window=9, regulariser_weight=3.0, iterations=(60, 15), lr=0.5,
@@ -126,6 +135,11 @@ CONFIGS: dict[str, dict | None] = {
     "c16_lr05": dict(ROUND1, iterations=(40, 10), lr=0.5, control_mm=(16.0, 16.0)),
     "acc_c12": dict(ROUND1, iterations=(120, 30), lr=0.25, control_mm=(12.0, 12.0)),  # accurate's steps
     "acc_c12_lr05": dict(ROUND1, iterations=(120, 30), lr=0.5, control_mm=(12.0, 12.0)),
+    # session 8, CT–MR only (the MIND knobs act on multimodal pairs alone), on today's balanced
+    "mind_r2": dict(mind_radius=2),
+    "mind_d3": dict(mind_dilation=3),
+    "mind_r2_d3": dict(mind_radius=2, mind_dilation=3),
+    "mi": dict(multi_similarity="mi"),
 }
 """Named configurations: overrides of `PRESETS["balanced"]` (None: the preset of that name). The search adds
 entries here; docs/REFINEMENT.md lists them with their results."""
