@@ -58,22 +58,12 @@ PAIRS = {
                        magnitude_mm=6.0, affine=True, moving_contrast="ct", boundary_landmarks=4),
     "mm_t2_9202": dict(kind="multimodal", subject="icbm152_2009a", label_set="tissue", seed=9202,
                        magnitude_mm=6.0, affine=True, moving_contrast="t2", boundary_landmarks=4),
-    "hct_fsav_9401": dict(kind="head_ct", subject="fsaverage_head", label_set="tissue", ct_role="fixed",
-                          seed=9401, magnitude_mm=8.0, boundary_landmarks=10),
-    "hct_fsav_9402": dict(kind="head_ct", subject="fsaverage_head", label_set="tissue", ct_role="fixed",
-                          seed=9402, magnitude_mm=8.0, affine=True, boundary_landmarks=10),
-    "hct_fsav_9411": dict(kind="head_ct", subject="fsaverage_head", label_set="tissue", ct_role="moving",
-                          seed=9411, magnitude_mm=8.0, boundary_landmarks=10),
-    "hct_fsav_9412": dict(kind="head_ct", subject="fsaverage_head", label_set="tissue", ct_role="moving",
-                          seed=9412, magnitude_mm=8.0, affine=True, boundary_landmarks=10),
-    "hct_fsav_9403": dict(kind="head_ct", subject="fsaverage_head", label_set="tissue", ct_role="fixed",
-                          seed=9403, magnitude_mm=10.0, boundary_landmarks=10),
-    "hct_fsav_9404": dict(kind="head_ct", subject="fsaverage_head", label_set="tissue", ct_role="fixed",
-                          seed=9404, magnitude_mm=10.0, affine=True, boundary_landmarks=10),
-    "hct_fsav_9413": dict(kind="head_ct", subject="fsaverage_head", label_set="tissue", ct_role="moving",
-                          seed=9413, magnitude_mm=10.0, boundary_landmarks=10),
-    "hct_fsav_9414": dict(kind="head_ct", subject="fsaverage_head", label_set="tissue", ct_role="moving",
-                          seed=9414, magnitude_mm=10.0, affine=True, boundary_landmarks=10),
+    **{f"hct_fsav_{seed}": dict(kind="head_ct", subject="fsaverage_head", label_set="tissue", ct_role=role,
+                                seed=seed, magnitude_mm=peak, affine=affine, boundary_landmarks=10)
+       for seed, role, peak, affine in ((9401, "fixed", 8.0, False), (9402, "fixed", 8.0, True),
+                                        (9411, "moving", 8.0, False), (9412, "moving", 8.0, True),
+                                        (9403, "fixed", 10.0, False), (9404, "fixed", 10.0, True),
+                                        (9413, "moving", 10.0, False), (9414, "moving", 10.0, True))},
 }
 """Training pairs: `suite.PairSpec` fields (seeds 9001+, never the suite's 101–612; no Colin27)."""
 
