@@ -155,7 +155,7 @@ def _is_synth_draw(spec: DataSpec, seed: int) -> bool:
 
 
 def _unit_range(image: torch.Tensor, modality: str) -> torch.Tensor:
-    """Synthetic contrasts to the engine's normalised intensities (CT: the HU window of `normalize_intensity`)."""
+    """Synthetic contrasts to the engine's normalised intensities (CT: the HU map of `normalize_intensity`)."""
     return torch.from_numpy(normalize_intensity(image.numpy(), "ct" if modality == "ct" else "mr"))
 
 

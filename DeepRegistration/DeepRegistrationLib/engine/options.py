@@ -41,8 +41,8 @@ class RegistrationOptions:
     instance_optimization: int = param(0, "test-time optimisation steps of the method's own loss on this pair "
                                           "(on a copy of the weights)", low=0, high=10_000)
     seed: int = param(0, "random seed (torch) of the run", low=0, high=2**31 - 1)
-    fixed_modality: str = param("mr", "fixed image modality: mr (percentile normalisation) or ct (HU window)",
-                                choices=MODALITIES)
+    fixed_modality: str = param("mr", "fixed image modality: mr (percentile normalisation) or ct (HU through a "
+                                      "fixed piecewise map)", choices=MODALITIES)
     moving_modality: str = param("mr", "moving image modality: mr or ct", choices=MODALITIES)
 
     def to_dict(self) -> dict[str, Any]:
